@@ -1,0 +1,165 @@
+"""Per-stream state of STC-Cacher: the frame counter, each layer's reference, and statistics.
+
+One ``CacherState`` is shared by reference by every patched layer of a tower and owned by its
+handle; nothing here is global. A call to the tower is planned once, by the first layer: which
+frames refresh, which are selective, and which reference each selective frame reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stc.cacher.block import LayerReference
+from stc.config import CacherConfig
+from stc.errors import StreamStateError
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What one call to the tower did (exact counts, no timing)."""
+
+    first_frame: int
+    """Stream index of the call's first frame."""
+    refresh_frames: tuple[int, ...]
+    """Stream indices of the frames that ran the full forward and became references."""
+    selective_frames: tuple[int, ...]
+    """Stream indices of the frames that recomputed only their dynamic tokens."""
+    tokens_per_frame: int
+    """Tokens per frame in the tower (CLS included)."""
+    recomputed_tokens: tuple[int, ...]
+    """Per layer: tokens recomputed over all frames of the call (a full frame counts all)."""
+
+
+@dataclass(frozen=True)
+class CacherStats:
+    """Statistics of every call since the last reset, and their totals."""
+
+    calls: tuple[CallRecord, ...]
+
+    @property
+    def refresh_frames(self) -> int:
+        """Frames that ran the full forward."""
+        return sum(len(c.refresh_frames) for c in self.calls)
+
+    @property
+    def selective_frames(self) -> int:
+        """Frames that ran the selective forward."""
+        return sum(len(c.selective_frames) for c in self.calls)
+
+    @property
+    def recomputed_tokens(self) -> tuple[int, ...]:
+        """Per layer: tokens recomputed over all calls."""
+        if not self.calls:
+            return ()
+        return tuple(sum(layer) for layer in zip(*(c.recomputed_tokens for c in self.calls)))
+
+    @property
+    def recompute_fraction(self) -> float:
+        """Recomputed tokens over all layers and frames, as a fraction of a full forward."""
+        full = sum(len(c.refresh_frames) + len(c.selective_frames) for c in self.calls)
+        if not self.calls or full == 0:
+            return 1.0
+        layers = len(self.calls[0].recomputed_tokens)
+        total = sum(self.recomputed_tokens)
+        return total / (full * layers * self.calls[0].tokens_per_frame)
+
+
+@dataclass
+class CallPlan:
+    """How the frames of one call are processed, fixed by the first layer for all layers."""
+
+    refresh: torch.Tensor
+    """(R,) positions in the batch of the refresh frames."""
+    selective: torch.Tensor
+    """(S,) positions in the batch of the selective frames."""
+    source: torch.Tensor
+    """(S,) for each selective frame, its reference in [stored reference, *refresh frames]."""
+    uses_stored: bool
+    """Whether any selective frame reads the reference stored by an earlier call."""
+    first_frame: int
+    refresh_frames: tuple[int, ...]
+    selective_frames: tuple[int, ...]
+    tokens_per_frame: int
+    index: torch.Tensor | None = None
+    """(S, r) dynamic tokens chosen by the first layer, reused by later layers when shared."""
+    recomputed: list[int] = field(default_factory=list)
+
+
+class CacherState:
+    """Mutable state of one stream (one video) through one patched tower."""
+
+    def __init__(self, config: CacherConfig, num_layers: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: the next frame is frame 0, a refresh frame."""
+        self.frame_index = 0
+        self.references: list[LayerReference | None] = [None] * self.num_layers
+        self.plan: CallPlan | None = None
+        self.records: list[CallRecord] = []
+        self.tokens_per_frame: int | None = None
+
+    def begin_call(self, frames: int, tokens: int, device: torch.device) -> CallPlan:
+        """Plan a call of ``frames`` frames of ``tokens`` tokens and advance the frame counter.
+
+        Frame i is a refresh frame when ``i % cache_interval == 0`` or when no reference exists
+        yet (a previous call failed before storing one); a selective frame reads the latest
+        refresh frame at or before it: one of this call's, or the stored one.
+        """
+        if self.tokens_per_frame is not None and tokens != self.tokens_per_frame:
+            raise StreamStateError(
+                f"frames now have {tokens} tokens but this stream started with {self.tokens_per_frame}: "
+                "call handle.reset() before feeding a video of another resolution"
+            )
+        interval = self.config.cache_interval
+        has_reference = self.references[0] is not None
+        refresh, selective, source = [], [], []
+        for position in range(frames):
+            i = self.frame_index + position
+            if i % interval == 0 or (not has_reference and not refresh):
+                refresh.append(position)
+            else:
+                selective.append(position)
+                source.append(len(refresh))  # 0 = stored reference, j = j-th refresh frame of the call
+        first = self.frame_index
+        self.frame_index += frames
+        self.tokens_per_frame = tokens
+
+        def as_index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        self.plan = CallPlan(
+            refresh=as_index(refresh),
+            selective=as_index(selective),
+            source=as_index(source),
+            uses_stored=0 in source,
+            first_frame=first,
+            refresh_frames=tuple(first + p for p in refresh),
+            selective_frames=tuple(first + p for p in selective),
+            tokens_per_frame=tokens,
+        )
+        return self.plan
+
+    def end_call(self) -> None:
+        """Record the finished call's statistics."""
+        plan = self.plan
+        assert plan is not None and len(plan.recomputed) == self.num_layers
+        self.records.append(
+            CallRecord(
+                first_frame=plan.first_frame,
+                refresh_frames=plan.refresh_frames,
+                selective_frames=plan.selective_frames,
+                tokens_per_frame=plan.tokens_per_frame,
+                recomputed_tokens=tuple(plan.recomputed),
+            )
+        )
+        self.plan = None
+
+    @property
+    def stats(self) -> CacherStats:
+        """Statistics of every finished call since the last reset."""
+        return CacherStats(calls=tuple(self.records))

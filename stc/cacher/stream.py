@@ -1,0 +1,82 @@
+"""One patched layer's forward over a call of several frames, batched.
+
+Refresh frames of the call run together through the full forward; selective frames run
+together through the selective forward, each reading the reference of the latest refresh frame
+at or before it. Layer by layer this is exactly what feeding the frames one at a time computes,
+so a call with T frames gives the output of T one-frame calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_forward
+from stc.cacher.graph import SelectiveGraphs
+from stc.cacher.state import CacherState
+from stc.core import dynamic_token_count
+
+
+def cached_layer_forward(
+    ops: LayerOps,
+    x: torch.Tensor,
+    layer_index: int,
+    state: CacherState,
+    graphs: SelectiveGraphs | None = None,
+) -> torch.Tensor:
+    """Forward of layer ``layer_index`` on the frames x (B, n, d) of the current call.
+
+    The first layer plans the call (and advances the stream); the last one records its
+    statistics. References are replaced only by refresh frames.
+    """
+    frames, tokens, _ = x.shape
+    if layer_index == 0:
+        state.begin_call(frames, tokens, x.device)
+    plan = state.plan
+    assert plan is not None, "layers of a patched tower must run in order, starting with layer 0"
+    config = state.config
+    patch_tokens = tokens - ops.prefix_tokens
+    count = dynamic_token_count(patch_tokens, config.update_ratio)
+    refreshed = len(plan.refresh_frames)
+    selected = len(plan.selective_frames)
+
+    if selected == 0:  # only refresh frames: the plain forward, keeping the last as reference
+        y, reference = full_forward(ops, x)
+        state.references[layer_index] = reference.frame(frames - 1)
+    elif count >= patch_tokens:  # every token is dynamic: the full forward, exactly
+        y, reference = full_forward(ops, x)
+        if refreshed:
+            state.references[layer_index] = reference.frame(plan.refresh_frames[-1] - plan.first_frame)
+    else:
+        y = torch.empty_like(x)
+        sources: list[LayerReference] = []
+        stored = state.references[layer_index]
+        if plan.uses_stored:
+            assert stored is not None
+            sources.append(stored)
+        if refreshed:
+            y_refresh, reference = full_forward(ops, x.index_select(0, plan.refresh))    # (R, n, d)
+            y.index_copy_(0, plan.refresh, y_refresh)
+            sources.append(reference)
+            state.references[layer_index] = reference.frame(refreshed - 1)
+        if len(sources) == 1 and sources[0].keys.shape[0] == 1:  # one reference for all frames
+            frame_refs = sources[0].expand(selected)
+        else:  # pool [stored?, refresh frames of the call] and pick each frame's own
+            offset = 0 if plan.uses_stored else 1
+            frame_refs = LayerReference.concat(sources).gather(plan.source - offset)
+        shared = config.selection == "shared" and layer_index > 0
+        x_sel = x.index_select(0, plan.selective)                                        # (S, n, d)
+        index = plan.index if shared else None
+        if graphs is not None:
+            y_sel, index = graphs.run(layer_index, ops, x_sel, frame_refs, count, config.metric, index)
+        else:
+            y_sel, index = selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
+        if layer_index == 0:
+            plan.index = index
+        y.index_copy_(0, plan.selective, y_sel)
+
+    per_selective = tokens if count >= patch_tokens else count + ops.prefix_tokens
+    plan.recomputed.append(refreshed * tokens + selected * per_selective)
+    if layer_index == state.num_layers - 1:
+        state.end_call()
+    return y
+

@@ -1,0 +1,186 @@
+"""STC-Cacher for HuggingFace CLIP and SigLIP vision towers (transformers 4.45 to 5.x).
+
+This is the only module that knows transformers' attribute names. It finds the encoder layers
+of a vision tower (``CLIPVisionModel``, ``SiglipVisionModel``, or a larger model holding one,
+such as ``LlavaOnevisionForConditionalGeneration``), and replaces each layer *instance's*
+forward with the batched streaming forward of ``stc.cacher.stream``. The classes are never
+touched, so ``type(layer)``, ``isinstance`` checks and hooks keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stc.cacher.graph import SelectiveGraphs
+from stc.cacher.state import CacherState
+from stc.cacher.stream import cached_layer_forward
+from stc.config import CacherConfig
+from stc.errors import STCError, UnsupportedModelError
+from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle
+
+PREFIX_TOKENS: dict[str, int] = {"CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0}
+"""Supported encoder-layer classes, by name, and how many leading tokens (CLS) each frame has."""
+
+
+def _class_names(module: nn.Module) -> list[str]:
+    return [cls.__name__ for cls in type(module).__mro__]
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    return next((name for name in _class_names(module) if name in PREFIX_TOKENS), None)
+
+
+def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], int]:
+    """The vision tower inside ``model``, its encoder layers in order, and its prefix-token count.
+
+    The tower is the innermost module with "Vision" in its class name that holds a
+    ``ModuleList`` of supported encoder layers (text encoders of CLIP/SigLIP are skipped).
+    Raises ``UnsupportedModelError`` naming what was found when there is not exactly one.
+    """
+    modules = dict(model.named_modules())
+    stacks = []
+    for path, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {_layer_kind(layer) for layer in module}
+            if len(kinds) == 1 and None not in kinds:
+                stacks.append((path, module, kinds.pop()))
+    towers = []
+    for path, stack, kind in stacks:
+        parts = path.split(".") if path else []
+        ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]  # root first
+        vision = [m for m in ancestors if "Vision" in type(m).__name__]
+        if vision:
+            towers.append((vision[-1], list(stack), PREFIX_TOKENS[kind], path))
+    if len(towers) == 1:
+        tower, layers, prefix, _ = towers[0]
+        return tower, layers, prefix
+    if len(towers) > 1:
+        paths = ", ".join(repr(t[3]) for t in towers)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds {len(towers)} vision encoders (layer stacks at {paths}): "
+            "pass the one vision tower to patch"
+        )
+    found = sorted({type(m).__name__ for m in modules.values() if "Layer" in type(m).__name__})
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no vision encoder layers STC-Cacher can patch: expected a vision "
+        f"tower with layers of class {' or '.join(sorted(PREFIX_TOKENS))}; found layer classes "
+        f"{found or 'none'}. Pass a CLIPVisionModel, a SiglipVisionModel, or a model that holds one."
+    )
+
+
+class HFViTLayerOps:
+    """``LayerOps`` of a CLIP/SigLIP encoder layer: calls its own norms, projections and MLP."""
+
+    def __init__(self, layer: nn.Module, prefix_tokens: int):
+        attn = layer.self_attn
+        self.prefix_tokens = prefix_tokens
+        self.norm1 = layer.layer_norm1
+        self.norm2 = layer.layer_norm2
+        self.mlp = layer.mlp
+        self._q, self._k, self._v, self._out = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        self._heads = attn.num_heads
+        self._scale = attn.scale
+
+    def query(self, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Queries of the given tokens (no position-dependent transform in CLIP/SigLIP)."""
+        return self._q(h)
+
+    def key(self, h: torch.Tensor) -> torch.Tensor:
+        """Keys of the given tokens."""
+        return self._k(h)
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        """Values of the given tokens."""
+        return self._v(h)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Non-causal multi-head SDPA of q (B, m, d) over k, v (B, n, d), then the output projection."""
+        batch, m, width = q.shape
+        head_dim = width // self._heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, t.shape[1], self._heads, head_dim).transpose(1, 2)  # (B, H, len, hd)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=self._scale)  # (B, H, m, hd)
+        return self._out(out.transpose(1, 2).reshape(batch, m, width))
+
+
+def _check_call(args: tuple, kwargs: dict) -> None:
+    masks = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if masks:
+        raise STCError(
+            "STC-Cacher got an attention mask; vision towers run unmasked. Detach the cacher "
+            "(handle.detach()) to run this call with a mask."
+        )
+    if kwargs.get("output_attentions"):
+        raise STCError("STC-Cacher does not return attention weights: call without output_attentions=True")
+
+
+def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, graphs, returns_tuple: bool):
+    def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        _check_call(args, kwargs)
+        y = cached_layer_forward(ops, hidden_states, layer_index, state, graphs)
+        return (y,) if returns_tuple else y
+
+    forward.__doc__ = f"""STC-Cacher forward of encoder layer {layer_index}, mirroring
+    ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward`` (transformers 4.45 to 5.x).
+
+    Modifications:
+    - frames are streamed: refresh frames run the full forward and store keys, values and both
+      branch outputs; selective frames recompute queries, values, attention and MLP only for
+      their most-changed tokens and take the rest from the reference;
+    - attention runs through ``F.scaled_dot_product_attention`` on the layer's own projections;
+    - attention masks and ``output_attentions`` are rejected; dropout is not applied.
+    """
+    forward._stc_layer_index = layer_index
+    return forward
+
+
+def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> CacherHandle:
+    """Patch the vision tower in ``model`` with STC-Cacher and return the handle that undoes it.
+
+    Attaching to an already patched tower detaches the old patch first. Each encoder layer gets
+    an instance-level forward (``_old_forward`` when accelerate hooked the layer).
+    """
+    config = CacherConfig() if config is None else config
+    if not isinstance(config, CacherConfig):
+        raise TypeError(f"config must be a stc.CacherConfig, got {type(config).__name__}")
+    tower, layers, prefix = find_vision_layers(model)
+    existing = tower.__dict__.get(HANDLE_ATTRIBUTE)
+    if existing is not None:
+        existing.detach()
+    state = CacherState(config, num_layers=len(layers))
+    graphs = SelectiveGraphs() if config.cuda_graph else None
+    handle = CacherHandle(tower, config, state)
+    for i, layer in enumerate(layers):
+        attribute = "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
+        original = getattr(layer, attribute)
+        returns_tuple = "output_attentions" in inspect.signature(original).parameters  # transformers 4.x layers
+        handle._replace(layer, attribute, _make_forward(HFViTLayerOps(layer, prefix), i, state, graphs, returns_tuple))
+    handle._install()
+    return handle
+
+
+def detach_cacher(model: nn.Module) -> nn.Module:
+    """Undo ``attach_cacher`` on the tower in ``model``; a no-op when it is not patched."""
+    tower, _, _ = find_vision_layers(model)
+    handle = tower.__dict__.get(HANDLE_ATTRIBUTE)
+    if handle is not None:
+        handle.detach()
+    return model
+
+
+@contextlib.contextmanager
+def cacher_attached(model: nn.Module, config: CacherConfig | None = None) -> Iterator[CacherHandle]:
+    """``with cacher_attached(tower, config) as handle:`` patch for the block, then restore."""
+    handle = attach_cacher(model, config)
+    try:
+        yield handle
+    finally:
+        handle.detach()
