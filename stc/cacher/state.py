@@ -103,6 +103,11 @@ class CacherState:
         self.records: list[CallRecord] = []
         self.tokens_per_frame: int | None = None
 
+    def drop_references(self) -> None:
+        """Free the cached references (after detach); the next frame will refresh."""
+        self.references = [None] * self.num_layers
+        self.plan = None
+
     def begin_call(self, frames: int, tokens: int, device: torch.device) -> CallPlan:
         """Plan a call of ``frames`` frames of ``tokens`` tokens and advance the frame counter.
 

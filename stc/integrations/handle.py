@@ -55,7 +55,9 @@ class CacherHandle:
         self._state.reset()
 
     def detach(self) -> nn.Module:
-        """Restore every replaced attribute exactly (deleting those that were absent); idempotent."""
+        """Restore every replaced attribute exactly (deleting those that were absent); idempotent.
+
+        The cached references are freed; ``stats`` stay readable until ``reset``."""
         for r in reversed(self._replacements):
             if r.previous is _ABSENT:
                 if r.name in r.owner.__dict__:
@@ -64,7 +66,7 @@ class CacherHandle:
                 setattr(r.owner, r.name, r.previous)
         self._replacements.clear()
         self.attached = False
-        self._state.reset()
+        self._state.drop_references()
         return self.tower
 
     def __enter__(self) -> CacherHandle:

@@ -1,0 +1,112 @@
+"""What a benchmark run measures: a frozen, validated ``BenchConfig`` saved with its results.
+
+Pure Python (no torch import): the CLI builds it before anything heavy is loaded, and
+validation here touches no device, file or environment variable. Messages name the CLI option
+to change.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+SCALES = ("auto", "full", "small", "tiny")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+METRICS = ("cosine", "l1", "l2")
+SELECTIONS = ("shared", "per_layer")
+
+
+def _fail(option: str, value: object, allowed: str) -> None:
+    raise ValueError(f"{option} {value}: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class STCPoint:
+    """One +STC setting: the cacher's ratio and interval, and the pruner's budget per frame."""
+
+    ratio: float
+    interval: int
+    tokens_per_frame: int
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``r0.25 N2 k64``."""
+        return f"r{self.ratio:g} N{self.interval} k{self.tokens_per_frame}"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark run: one framework x one scale x one device, several frame counts and STC
+    points, each measured against a shared baseline, interleaved, over repeats."""
+
+    framework: str = "rekv"
+    scale: str = "auto"
+    """auto = full on CUDA, small on CPU."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto = float16 on CUDA, float32 on CPU."""
+    frames: tuple[int, ...] = (16,)
+    repeats: int = 20
+    warmup: int = 5
+    ratios: tuple[float, ...] = (0.25,)
+    intervals: tuple[int, ...] = (2,)
+    tokens_per_frame: tuple[int, ...] = (64,)
+    chunk_frames: int = 1
+    metric: str = "cosine"
+    selection: str = "shared"
+    cuda_graph: bool = False
+    seed: int = 0
+    video: str | None = None
+    fps: float = 0.5
+    checkpoint: str | None = None
+    out: str = "reports"
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            _fail("--scale", self.scale, "one of " + ", ".join(SCALES))
+        if self.dtype not in DTYPES:
+            _fail("--dtype", self.dtype, "one of " + ", ".join(DTYPES))
+        if self.metric not in METRICS:
+            _fail("--metric", self.metric, "one of " + ", ".join(METRICS))
+        if self.selection not in SELECTIONS:
+            _fail("--selection", self.selection, "one of " + ", ".join(SELECTIONS))
+        for option, values in (("--frames", self.frames), ("--tokens-per-frame", self.tokens_per_frame),
+                               ("--interval", self.intervals)):
+            if not values:
+                _fail(option, "(none)", "given at least once")
+            for v in values:
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    _fail(option, v, "a whole number >= 1")
+        if not self.ratios:
+            _fail("--ratio", "(none)", "given at least once")
+        for r in self.ratios:
+            if not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+                _fail("--ratio", r, "in (0, 1], the fraction of tokens recomputed on selective frames")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            _fail("--repeats", self.repeats, "a whole number >= 1")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            _fail("--warmup", self.warmup, "a whole number >= 0")
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+            _fail("--chunk-frames", self.chunk_frames, "a whole number >= 1")
+        if not self.fps > 0:
+            _fail("--fps", self.fps, "> 0")
+        if self.checkpoint is not None and self.scale not in ("auto", "full"):
+            _fail("--scale", self.scale, "auto or full with --checkpoint (the checkpoint fixes the architecture)")
+
+    @property
+    def points(self) -> list[STCPoint]:
+        """Every +STC point: the cartesian product of ratios, intervals and budgets."""
+        return [STCPoint(r, n, k) for r, n, k in itertools.product(self.ratios, self.intervals, self.tokens_per_frame)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
+        """Inverse of ``to_dict``; unknown keys (from a newer schema) are ignored."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**kwargs)

@@ -1,0 +1,193 @@
+"""Measurements with their raw samples, statistics computed on demand, and paired reductions.
+
+``StageSpec`` is the identity of a measurement (what was measured); ``Measurement`` keeps
+every raw sample (warm-up excluded) and computes statistics lazily, after
+``torch.utils.benchmark.Measurement``. Nothing is rounded here: rounding is a rendering choice.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+NOISY_CV = 0.10
+"""A measurement whose coefficient of variation exceeds this is flagged as noisy."""
+
+
+class Stage(str, enum.Enum):
+    """Stages of a streaming VideoLLM that a benchmark times."""
+
+    VIT = "vit"
+    COMPRESS = "compress"
+    PREFILL = "prefill"
+
+
+class Arm(str, enum.Enum):
+    """Which configuration ran: the unmodified framework, or the framework with STC."""
+
+    BASELINE = "baseline"
+    STC = "stc"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What was measured. Baseline specs leave the STC knobs as None."""
+
+    framework: str
+    scale: str
+    device: str
+    dtype: str
+    frames: int
+    stage: str
+    arm: str
+    ratio: float | None = None
+    interval: int | None = None
+    tokens_per_frame: int | None = None
+
+    def baseline(self) -> StageSpec:
+        """The spec of the baseline this measurement is compared with."""
+        return StageSpec(self.framework, self.scale, self.device, self.dtype, self.frames, self.stage, Arm.BASELINE.value)
+
+
+@dataclass
+class Measurement:
+    """Raw samples of one stage and arm: ``times_ms[i]`` is repeat i's total over all chunks,
+    ``chunk_ms[i]`` its per-chunk times. ``metadata`` holds exact, non-timing facts
+    (token counts, recompute fraction, peak memory)."""
+
+    spec: StageSpec
+    times_ms: list[float]
+    warmup: int = 0
+    chunk_ms: list[list[float]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def _sorted(self) -> np.ndarray:
+        return np.sort(np.asarray(self.times_ms, dtype=float))
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return len(self.times_ms)
+
+    @property
+    def min(self) -> float:
+        """Smallest sample."""
+        return float(self._sorted[0])
+
+    @property
+    def max(self) -> float:
+        """Largest sample."""
+        return float(self._sorted[-1])
+
+    @property
+    def median(self) -> float:
+        """Median sample."""
+        return float(np.median(self._sorted))
+
+    @property
+    def mean(self) -> float:
+        """Mean of the samples."""
+        return float(self._sorted.mean())
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range (75th - 25th percentile, linear interpolation)."""
+        q1, q3 = np.percentile(self._sorted, [25, 75])
+        return float(q3 - q1)
+
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation: sample standard deviation over the mean (0 for one sample)."""
+        if self.n < 2 or self.mean == 0:
+            return 0.0
+        return float(self._sorted.std(ddof=1) / self.mean)
+
+    @property
+    def noisy(self) -> bool:
+        """True when the spread is too large to trust small differences."""
+        return self.cv > NOISY_CV
+
+    @property
+    def warnings(self) -> list[str]:
+        """Human-readable warnings about this measurement."""
+        out = []
+        if self.noisy:
+            out.append(f"{self.spec.stage}/{self.spec.arm}: noisy (CV {self.cv:.1%} > {NOISY_CV:.0%})")
+        if self.n < 5:
+            out.append(f"{self.spec.stage}/{self.spec.arm}: only {self.n} samples")
+        return out
+
+    @staticmethod
+    def merge(measurements: list[Measurement]) -> list[Measurement]:
+        """Pool replicates that share a spec (samples concatenated, first metadata kept)."""
+        pooled: dict[StageSpec, Measurement] = {}
+        for m in measurements:
+            if m.spec in pooled:
+                p = pooled[m.spec]
+                pooled[m.spec] = Measurement(p.spec, p.times_ms + m.times_ms, p.warmup, p.chunk_ms + m.chunk_ms, p.metadata)
+            else:
+                pooled[m.spec] = Measurement(m.spec, list(m.times_ms), m.warmup, list(m.chunk_ms), dict(m.metadata))
+        return list(pooled.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict."""
+        return {"spec": asdict(self.spec), "times_ms": list(self.times_ms), "warmup": self.warmup,
+                "chunk_ms": [list(c) for c in self.chunk_ms], "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        """Inverse of ``to_dict``."""
+        return cls(StageSpec(**data["spec"]), list(data["times_ms"]), data.get("warmup", 0),
+                   [list(c) for c in data.get("chunk_ms", [])], dict(data.get("metadata", {})))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Measurement):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """``1 - stc / baseline`` for one stage, on the minima and on the medians, with a paired
+    bootstrap 95% interval on the median reduction. Positive = STC is faster."""
+
+    stage: str
+    on_min: float
+    on_median: float
+    ci_low: float
+    ci_high: float
+    pairs: int
+
+    @property
+    def conclusive(self) -> bool:
+        """True when the interval excludes zero (a real speed-up or slow-down)."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_reduction(baseline: Measurement, stc: Measurement, seed: int = 0) -> Reduction:
+    """Reduction of ``stc`` against ``baseline``, pairing sample i of each (same interleaved round).
+
+    The interval resamples *pairs* of repeats with replacement, so drift shared by both arms
+    of a round cancels; it is the 2.5th-97.5th percentile of the resampled median reductions.
+    """
+    n = min(baseline.n, stc.n)
+    base = np.asarray(baseline.times_ms[:n], dtype=float)
+    new = np.asarray(stc.times_ms[:n], dtype=float)
+    on_min = 1.0 - float(new.min()) / float(base.min())
+    on_median = 1.0 - float(np.median(new)) / float(np.median(base))
+    if n < 2:
+        return Reduction(baseline.spec.stage, on_min, on_median, -math.inf, math.inf, n)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))                     # (B, n)
+    resampled = 1.0 - np.median(new[idx], axis=1) / np.median(base[idx], axis=1)  # (B,)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return Reduction(baseline.spec.stage, on_min, on_median, float(low), float(high), n)

@@ -1,0 +1,32 @@
+"""Reports of a run: CSV tables, Markdown, PNG plots and the terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stc_bench.results import RunResult
+
+
+def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Path]:
+    """Write results.json, samples.csv, summary.csv, reductions.csv, the PNGs and report.md
+    into ``folder``; returns the paths written."""
+    from stc_bench.report.markdown import render_markdown
+    from stc_bench.report.plots import plot_latency, plot_per_frame_vit
+    from stc_bench.report.tables import reduction_table, samples_table, summary_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "results.json"]
+    result.save(written[0])
+    for name, table in (("samples.csv", samples_table), ("summary.csv", summary_table), ("reductions.csv", reduction_table)):
+        table(result).to_csv(folder / name, index=False)
+        written.append(folder / name)
+    images = []
+    if plots and result.measurements:
+        images.append(plot_latency(result, folder / "latency.png"))
+        per_frame = plot_per_frame_vit(result, folder / "per_frame_vit.png")
+        if per_frame is not None:
+            images.append(per_frame)
+    written += images
+    (folder / "report.md").write_text(render_markdown(result, [p.name for p in images]), encoding="utf-8")
+    written.append(folder / "report.md")
+    return written

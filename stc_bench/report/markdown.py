@@ -1,0 +1,66 @@
+"""report.md: what was run, on what, the results table, the plots, and the caveats."""
+
+from __future__ import annotations
+
+from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line
+from stc_bench.report.terminal import header_lines
+from stc_bench.results import RunResult
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def caveats(result: RunResult) -> list[str]:
+    """What a reader must keep in mind when quoting these numbers."""
+    out = []
+    if result.run["weights"] == "random":
+        out.append("Weights are random: latency is representative of the architecture, but the fidelity "
+                   "figures only show how much the computation changes, not task accuracy.")
+    if result.environment.get("device") == "cpu":
+        out.append("Measured on a CPU: ratios between arms carry over to GPUs only roughly (kernel-launch "
+                   "overheads, which STC's many small ops pay on a GPU, do not show here).")
+    if result.run["scale"] not in ("full", "checkpoint"):
+        out.append(f"Scale '{result.run['scale']}' keeps the token counts but not the widths/depths of the real model; "
+                   "absolute times are not the paper's.")
+    if result.config.framework == "rekv":
+        out.append("ReKV's KV retrieval and CPU offload are not modelled: pre-fill appends to a plain growing "
+                   "KV cache, exact while the stream fits ReKV's 15000-token local window.")
+    noisy = [w for m in result.measurements for w in m.warnings]
+    if noisy:
+        out.append("Noisy or small measurements (treat differences within their interval as no difference): "
+                   + "; ".join(sorted(set(noisy))))
+    if not result.complete:
+        out.append("The run did not finish: " + "; ".join(result.errors or ["stopped early"]))
+    return out
+
+
+def render_markdown(result: RunResult, plots: list[str]) -> str:
+    """The whole report.md text; ``plots`` are file names in the same folder."""
+    c, env = result.config, result.environment
+    parts = [f"# stc-bench: {c.framework}", ""]
+    parts += [f"- {line}" for line in header_lines(result)]
+    parts += ["", "## Results", ""]
+    parts.append("Reductions are `1 - STC / baseline` (positive = faster), on the medians and on the minima of the "
+                 "per-stream totals; the interval is a paired bootstrap over repeats. *FLOP limit* is the analytic "
+                 "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit.")
+    for p in result.points:
+        parts += ["", f"### {p.frames} frames, +STC {p.point.label}", "",
+                  _table(COMPARISON_HEADERS, comparison_rows(result, p)), "", fidelity_line(result, p) + "."]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    parts += ["", "## Caveats", ""] + [f"- {line}" for line in caveats(result)]
+    parts += ["", "## Environment", "", _table(["key", "value"], [[k, f"`{v}`"] for k, v in env.items()])]
+    arch = result.run.get("architecture", {})
+    if arch:
+        parts += ["", "## Architecture", "", _table(["part", "shape"], [[k, str(v)] for k, v in arch.items()])]
+    parts += ["", "## Configuration", "", "```json", _json(c.to_dict()), "```", ""]
+    return "\n".join(parts)
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, indent=1)

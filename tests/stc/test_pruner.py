@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stc import PrunerConfig, STCPruner
+from stc.pruner.scoring import low_variance_channels
+
+
+def features(frames=4, tokens=12, channels=8, seed=0):
+    return torch.randn(frames, tokens, channels, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("strategy", ["gaussian", "dual_anchor"])
+def test_shapes_sorted_indices_and_gathered_tokens(strategy):
+    x = features()
+    out = STCPruner(PrunerConfig(tokens_per_frame=5, strategy=strategy)).compress(x)
+    assert out.tokens.shape == (4, 5, 8) and out.indices.shape == (4, 5)
+    assert torch.equal(out.indices, out.indices.sort(dim=-1).values)
+    assert torch.equal(out.tokens, torch.stack([x[t, out.indices[t]] for t in range(4)]))
+
+
+@settings(deadline=None, max_examples=40)
+@given(frames=st.integers(1, 4), tokens=st.integers(1, 30), budget=st.integers(1, 40), seed=st.integers(0, 999),
+       strategy=st.sampled_from(["gaussian", "dual_anchor"]))
+def test_keeps_exactly_the_budget_in_spatial_order(frames, tokens, budget, seed, strategy):
+    out = STCPruner(PrunerConfig(tokens_per_frame=budget, strategy=strategy)).compress(features(frames, tokens, 6, seed))
+    kept = min(budget, tokens)
+    assert out.tokens.shape == (frames, kept, 6)
+    for row in out.indices.tolist():
+        assert row == sorted(set(row)) and all(0 <= i < tokens for i in row)
+
+
+def test_full_budget_is_the_identity():
+    x = features()
+    out = STCPruner(PrunerConfig(tokens_per_frame=12)).compress(x)
+    assert torch.equal(out.tokens, x)
+    assert out.indices.tolist() == [list(range(12))] * 4
+    assert torch.equal(STCPruner(PrunerConfig(tokens_per_frame=100)).compress(x).tokens, x)
+
+
+def test_deterministic_and_reset_restores_the_first_call():
+    pruner = STCPruner(PrunerConfig(tokens_per_frame=4))
+    first = pruner.compress(features(seed=1)).indices
+    pruner.compress(features(seed=2))
+    assert pruner.calls == 2
+    pruner.reset()
+    assert torch.equal(pruner.compress(features(seed=1)).indices, first)
+    assert torch.equal(STCPruner(PrunerConfig(tokens_per_frame=4)).compress(features(seed=1)).indices, first)
+
+
+def test_frames_per_call_equals_separate_calls():
+    x = features(frames=6)
+    split = STCPruner(PrunerConfig(tokens_per_frame=3)).compress(x, frames_per_call=1)
+    pruner = STCPruner(PrunerConfig(tokens_per_frame=3))
+    one_by_one = [pruner.compress(x[i : i + 1]).indices for i in range(6)]
+    assert torch.equal(split.indices, torch.cat(one_by_one))
+    assert pruner.calls == 6
+
+
+def test_history_changes_the_temporal_anchor():
+    warm = STCPruner(PrunerConfig(tokens_per_frame=3, strategy="dual_anchor", alpha=1.0))
+    warm.compress(features(seed=5) + 3.0)
+    cold = STCPruner(PrunerConfig(tokens_per_frame=3, strategy="dual_anchor", alpha=1.0))
+    x = features(seed=6)
+    assert not torch.equal(warm.compress(x).indices, cold.compress(x).indices)
+
+
+def _gaussian(x, c, scales):
+    d = sum((a - b) ** 2 for a, b in zip(x, c))
+    return sum(math.exp(-d / (2 * s)) for s in scales)
+
+
+def _unit(v):
+    n = math.sqrt(sum(a * a for a in v))
+    return [a / n for a in v]
+
+
+def test_gaussian_scores_against_a_hand_computed_example():
+    # One frame of four 3-channel tokens; channel 2 has the largest variance, so with keep
+    # ratio 2/3 the scoring uses channels 0 and 1.
+    tokens = [[1.0, 0.0, 5.0], [0.0, 1.0, -5.0], [1.0, 1.0, 0.0], [0.9, 0.1, 2.0]]
+    scales = (0.5, 1.0)
+    x = torch.tensor([tokens])
+    assert low_variance_channels(x, 2 / 3).tolist() == [0, 1]
+    sub = [_unit(t[:2]) for t in tokens]
+    frame_mean = [sum(t[i] for t in sub) / 4 for i in range(2)]
+    anchor = _unit([sum(t[i] for t in tokens) / 4 for i in range(2)])  # history = this call only
+    scores = [_gaussian(t, frame_mean, scales) + _gaussian(t, anchor, scales) for t in sub]
+    expected = sorted(sorted(range(4), key=lambda i: scores[i])[:2])
+    out = STCPruner(PrunerConfig(tokens_per_frame=2, channel_keep_ratio=2 / 3, gaussian_scales=scales)).compress(x)
+    assert out.indices.tolist() == [expected]
+    assert expected == [0, 1]  # the two tokens furthest from both anchors
+
+
+def test_dual_anchor_scores_against_a_hand_computed_example():
+    tokens = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.1]]
+    x = torch.tensor([tokens])
+
+    def cos(a, b):
+        return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+
+    mean = [sum(t[i] for t in tokens) / 4 for i in range(2)]
+    scores = [0.3 * (1 - cos(t, mean)) + 0.7 * (1 - cos(t, mean)) for t in tokens]
+    expected = sorted(sorted(range(4), key=lambda i: -scores[i])[:1])
+    out = STCPruner(PrunerConfig(tokens_per_frame=1, strategy="dual_anchor", alpha=0.3, channel_keep_ratio=1.0)).compress(x)
+    assert out.indices.tolist() == [expected] == [[1]]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="features must be \\(frames, tokens, channels\\), got shape \\(4, 8\\)"):
+        STCPruner().compress(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="frames_per_call=0 must be an integer >= 1"):
+        STCPruner().compress(torch.zeros(1, 4, 8), frames_per_call=0)
+    with pytest.raises(TypeError, match="config must be a stc.PrunerConfig"):
+        STCPruner({"tokens_per_frame": 4})
