@@ -62,8 +62,8 @@ def _setup_logging() -> None:
 
 FramesOpt = Annotated[list[str], typer.Option("--frames", "-f", help="Frames per stream; repeat or comma-separate for several frame counts (e.g. -f 16 -f 32).", metavar="N[,N...]")]
 ScaleOpt = Annotated[str, typer.Option(help=f"Model size: {', '.join(SCALES)}. auto = full (the exact architecture) on CUDA, small (same token counts, narrow towers) on CPU; tiny is for tests.")]
-RepeatsOpt = Annotated[int, typer.Option(help="Timed streams per arm and frame count.", min=1)]
-WarmupOpt = Annotated[int, typer.Option(help="Untimed streams per arm before timing.", min=0)]
+RepeatsOpt = Annotated[int, typer.Option(help="Timed streams per arm and frame count.")]
+WarmupOpt = Annotated[int, typer.Option(help="Untimed streams per arm before timing.")]
 RatioOpt = Annotated[float, typer.Option(help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1].")]
 IntervalOpt = Annotated[int, typer.Option(help="STC-Cacher: a full refresh frame every N frames (N >= 1).")]
 TokensOpt = Annotated[int, typer.Option("--tokens-per-frame", help="STC-Pruner: visual tokens kept per frame before pre-fill (the baseline keeps all).")]

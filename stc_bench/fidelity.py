@@ -10,15 +10,15 @@ from stc_bench.frameworks.framework import StreamOutput
 
 def compare_streams(baseline: StreamOutput, stc: StreamOutput) -> dict[str, float]:
     """Per-frame cosine similarity of final ViT features (mean over tokens; then mean and min
-    over frames), and agreement of each pre-fill call's last-position logits: the fraction with
-    the same top-1 token, and the mean KL(baseline || stc) in nats."""
+    over frames), and agreement of the logits of a fixed query pre-filled after each stream: the
+    fraction of query positions with the same top-1 token, and the mean KL(baseline || stc) in nats."""
     out: dict[str, float] = {}
     if baseline.features is not None and stc.features is not None:
         cos = F.cosine_similarity(baseline.features.float(), stc.features.float(), dim=-1).mean(dim=1)  # (T,)
         out["vit_cosine_mean"] = float(cos.mean())
         out["vit_cosine_min"] = float(cos.min())
     if baseline.logits is not None and stc.logits is not None:
-        p_log = F.log_softmax(baseline.logits.float(), dim=-1)                                     # (chunks, V)
+        p_log = F.log_softmax(baseline.logits.float(), dim=-1)                                     # (positions, V)
         q_log = F.log_softmax(stc.logits.float(), dim=-1)
         out["logits_top1_agreement"] = float((p_log.argmax(-1) == q_log.argmax(-1)).float().mean())
         out["logits_kl_mean"] = float((p_log.exp() * (p_log - q_log)).sum(-1).mean())

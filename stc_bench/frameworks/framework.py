@@ -44,7 +44,7 @@ class StreamOutput:
     features: torch.Tensor | None = None
     """(T, n, d) final ViT features, when captured."""
     logits: torch.Tensor | None = None
-    """(chunks, vocab) last-position logits of each pre-fill call, when captured."""
+    """(positions, vocab) logits of a fixed query pre-filled after the stream, when captured."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from stc_bench.timing import StageTimer
 
 SYSTEM_PROMPT_TOKENS = 24
 """Length of the untimed init prompt (ReKV's system + user preamble is about this long)."""
+QUERY_TOKENS = 8
+"""Length of the fixed query pre-filled after the stream when fidelity is captured."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class RekvPipeline:
         device = next(language_model.parameters()).device
         g = torch.Generator().manual_seed(seed)
         self._prompt_ids = torch.randint(0, shape.vocab, (1, SYSTEM_PROMPT_TOKENS), generator=g).to(device)
+        self._query_ids = torch.randint(0, shape.vocab, (1, QUERY_TOKENS), generator=g).to(device)
 
     @property
     def vit_tokens(self) -> int:
@@ -144,9 +147,14 @@ class RekvPipeline:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        embeds = self.language_model.get_input_embeddings()(self._prompt_ids)            # (1, P, C)
-        self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        self._prefill_text(self._prompt_ids, cache)
         return cache
+
+    def _prefill_text(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Pre-fill text token ids (1, L) into the cache; logits at every position (L, V)."""
+        embeds = self.language_model.get_input_embeddings()(ids)                          # (1, L, C)
+        hidden = self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[0])
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """ViT features of the last layer, before post-norm: (t, 3, H, W) -> (t, 729, d)."""
@@ -158,17 +166,20 @@ class RekvPipeline:
         return pooled if pruner is None else pruner.compress(pooled).tokens              # (t, k, C)
 
     def prefill(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Append the chunk's visual tokens (t, k, C) to the KV cache; last-position logits (1, V)."""
+        """Append the chunk's visual tokens (t, k, C) to the KV cache; last-position logits (1, V),
+        as ReKV's streaming step computes them."""
         embeds = tokens.reshape(1, -1, tokens.shape[-1])                                 # (1, t*k, C)
         hidden = self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
         return self.lm_head(hidden[:, -1])
 
     def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """One video: untimed system prompt, then per chunk the three timed stages."""
+        """One video: untimed system prompt, then per chunk the three timed stages. With
+        ``capture``, also the final ViT features and the logits of a fixed query pre-filled
+        (untimed) after the stream: what the model would answer from, given each arm's cache."""
         cache = self._start_stream()
         pruner = stc.STCPruner(arm.pruner) if arm.pruner is not None else None
-        features, logits, tokens_out = [], [], 0
+        features, tokens_out = [], 0
         attach = stc.cacher_attached(self.vision_tower, arm.cacher) if arm.cacher else contextlib.nullcontext()
         with attach as handle:
             for chunk, start in enumerate(range(0, clip.shape[0], chunk_frames)):
@@ -178,11 +189,10 @@ class RekvPipeline:
                 with timer.span("compress", chunk):
                     visual = self.compress(feats, pruner)
                 with timer.span("prefill", chunk):
-                    last = self.prefill(visual, cache)
+                    self.prefill(visual, cache)
                 tokens_out += visual.shape[0] * visual.shape[1]
                 if capture:
                     features.append(feats)
-                    logits.append(last)
         stats = handle.stats if handle is not None else None
         frames = clip.shape[0]
         return StreamOutput(
@@ -190,7 +200,7 @@ class RekvPipeline:
             chunk_kinds=chunk_kinds(stats, -(-frames // chunk_frames)),
             cacher_stats=stats,
             features=torch.cat(features) if capture else None,
-            logits=torch.cat(logits) if capture else None,
+            logits=self._prefill_text(self._query_ids, cache) if capture else None,
         )
 
     def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:

@@ -101,7 +101,8 @@ def fidelity_line(result: RunResult, point) -> str:
     if "vit_cosine_mean" in f:
         parts.append(f"ViT feature cosine mean {f['vit_cosine_mean']:.4f} (min {f['vit_cosine_min']:.4f})")
     if "logits_top1_agreement" in f:
-        parts.append(f"pre-fill logits top-1 agreement {f['logits_top1_agreement']:.1%}, mean KL {f['logits_kl_mean']:.2e} nats")
+        parts.append(f"query logits after the stream: top-1 agreement {f['logits_top1_agreement']:.1%}, "
+                     f"mean KL {f['logits_kl_mean']:.2e} nats")
     if point.recompute_fraction is not None:
         parts.append(f"ViT tokens recomputed {point.recompute_fraction:.1%}")
     return f"fidelity ({label}): " + "; ".join(parts)

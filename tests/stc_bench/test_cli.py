@@ -1,0 +1,116 @@
+"""The stc-bench command line, through typer's CliRunner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.stc_bench.conftest import TINY_RUN
+
+
+def run_folder(out: Path) -> Path:
+    (folder,) = list(out.iterdir())
+    return folder
+
+
+def test_tiny_end_to_end_run_writes_the_run_folder(cli, tmp_path):
+    result = cli(*TINY_RUN, "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    folder = run_folder(tmp_path)
+    assert folder.name.endswith("_rekv_cpu")
+    for name in ("results.json", "samples.csv", "summary.csv", "reductions.csv", "report.md", "latency.png", "per_frame_vit.png"):
+        assert (folder / name).is_file(), name
+    assert "scale tiny (--scale tiny was requested)" in result.output
+    assert "reduction median [95% CI]" in result.output and "random weights" in result.output
+
+    again = cli("report", str(folder / "results.json"), "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0
+    assert (tmp_path / "again" / "summary.csv").read_text() == (folder / "summary.csv").read_text()
+
+
+def test_options_reach_the_config(cli, monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("stc_bench.cli.run_and_report", lambda config: seen.setdefault("config", config))
+    result = cli("rekv", "-f", "8,16", "-f", "32", "--ratio", "0.5", "--interval", "4", "--tokens-per-frame", "32",
+                 "--repeats", "7", "--warmup", "0", "--selection", "per_layer", "--metric", "l2", "--out", str(tmp_path))
+    assert result.exit_code == 0
+    config = seen["config"]
+    assert config.frames == (8, 16, 32) and config.ratios == (0.5,) and config.intervals == (4,)
+    assert config.tokens_per_frame == (32,) and config.repeats == 7 and config.warmup == 0
+    assert (config.selection, config.metric, config.device, config.scale) == ("per_layer", "l2", "auto", "auto")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "1.5"], "--ratio 1.5: must be in (0, 1]"),
+        (["--ratio", "0"], "--ratio 0.0: must be in (0, 1]"),
+        (["--interval", "0"], "--interval 0: must be a whole number >= 1"),
+        (["--frames", "0"], "--frames 0: must be a whole number >= 1"),
+        (["--frames", "many"], "--frames 'many': not a whole number"),
+        (["--tokens-per-frame", "0"], "--tokens-per-frame 0: must be a whole number >= 1"),
+        (["--scale", "huge"], "--scale huge: must be one of auto, full, small, tiny"),
+        (["--gpu", "-1"], "--gpu -1: must be a GPU index >= 0"),
+        (["--repeats", "0"], "--repeats 0: must be a whole number >= 1"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(cli, tmp_path, args, message):
+    result = cli("rekv", *args, "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
+def test_gpu_without_cuda_names_the_fix(cli, tmp_path):
+    result = cli(*TINY_RUN, "--gpu", "0", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "CUDA is not available on this machine" in result.output and "leave out --gpu" in result.output
+
+
+def test_bad_video_checkpoint_and_output_exit_2(cli, tmp_path):
+    bad_video = tmp_path / "clip.mp4"
+    bad_video.write_text("text")
+    result = cli(*TINY_RUN, "--device", "cpu", "--video", str(bad_video), "--out", str(tmp_path / "o1"))
+    assert result.exit_code == 2 and "not a readable video" in result.output
+    assert not any((tmp_path / "o1").iterdir())  # no empty run folder left behind
+
+    result = cli("rekv", "--checkpoint", str(tmp_path / "nowhere"), "--device", "cpu", "--frames", "2", "--out", str(tmp_path / "o2"))
+    assert result.exit_code == 2 and "--checkpoint" in result.output and "no such directory" in result.output
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli(*TINY_RUN, "--device", "cpu", "--out", str(blocker))
+    assert result.exit_code == 2 and "pass a writable --out" in result.output
+
+
+def test_local_checkpoint_is_loaded_offline(cli, tmp_path):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from stc_bench.frameworks.rekv import SHAPES, _configs
+
+    config, _, _ = _configs(SHAPES["tiny"])
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**config.to_dict()))
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    result = cli("rekv", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--frames", "2",
+                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "checkpoint" in result.output and "random weights" not in result.output
+
+
+def test_list_and_env(cli):
+    listed = cli("list")
+    assert listed.exit_code == 0 and "rekv" in listed.output and "Qwen2-7B" in listed.output
+    env = cli("env")
+    assert env.exit_code == 0 and "torch" in env.output and "transformers" in env.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from stc_bench.cli import app; sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "stc_bench.cli", "rekv", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "--tokens-per-frame" in out.stdout and "--checkpoint" in out.stdout
