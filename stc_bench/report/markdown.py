@@ -18,7 +18,9 @@ def caveats(result: RunResult) -> list[str]:
     out = []
     if result.run["weights"] == "random":
         out.append("Weights are random: latency is representative of the architecture, but the fidelity "
-                   "figures only show how much the computation changes, not task accuracy.")
+                   "figures only show how much the computation changes, not task accuracy. Random logits have "
+                   "no confident top-1 token, so top-1 agreement sits near chance for any change of the "
+                   "visual context; the KL divergence is the comparable figure.")
     if result.environment.get("device") == "cpu":
         out.append("Measured on a CPU: ratios between arms carry over to GPUs only roughly (kernel-launch "
                    "overheads, which STC's many small ops pay on a GPU, do not show here).")
