@@ -7,6 +7,7 @@ imported at module import time, so ``stc-bench --help`` is instant.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(width=None if sys.stdout.isatty() else 160)  # plain output: wide enough for one-line rows
+console = Console(width=None if sys.stdout.isatty() else 240)  # plain output (files, CI logs): one line per row
 err_console = Console(stderr=True)
 
 USAGE_ERROR = 2
@@ -81,6 +82,26 @@ CheckpointOpt = Annotated[Optional[str], typer.Option(help="Local HF checkpoint 
 OutOpt = Annotated[Path, typer.Option(help="Output root; each run writes a folder <UTC time>_<framework>_<device> inside.")]
 
 
+RatiosOpt = Annotated[str, typer.Option("--ratio", help="STC-Cacher update ratios to sweep, comma-separated, each in (0, 1].", metavar="R[,R...]")]
+IntervalsOpt = Annotated[str, typer.Option("--interval", help="STC-Cacher cache intervals to sweep, comma-separated.", metavar="N[,N...]")]
+TokenListOpt = Annotated[str, typer.Option("--tokens-per-frame", help="STC-Pruner budgets to sweep, comma-separated.", metavar="K[,K...]")]
+ResumeOpt = Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder, with the settings saved in its results.json (give no other option).")]
+
+
+def build_config(framework: str, *, frames: list[str], ratios: tuple, intervals: tuple, tokens: tuple, gpu: int | None,
+                 device: str, out: Path, **options) -> BenchConfig:
+    """A validated BenchConfig from parsed CLI options; a usage error exits 2 with one line."""
+    if gpu is not None:
+        if gpu < 0:
+            raise fail(f"--gpu {gpu}: must be a GPU index >= 0")
+        device = f"cuda:{gpu}"
+    try:
+        return BenchConfig(framework=framework, frames=parse_list(frames, int, "--frames"), ratios=ratios,
+                           intervals=intervals, tokens_per_frame=tokens, device=device, out=str(out), **options)
+    except ValueError as err:
+        raise fail(str(err)) from None
+
+
 def _framework_command(framework: str):
     def command(
         frames: FramesOpt = ["16"],  # noqa: B006 - typer reads the default, it is never mutated
@@ -103,34 +124,28 @@ def _framework_command(framework: str):
         checkpoint: CheckpointOpt = None,
         out: OutOpt = Path("reports"),
     ) -> None:
-        if gpu is not None:
-            if gpu < 0:
-                raise fail(f"--gpu {gpu}: must be a GPU index >= 0")
-            device = f"cuda:{gpu}"
-        try:
-            config = BenchConfig(
-                framework=framework, scale=scale, device=device, dtype=dtype,
-                frames=parse_list(frames, int, "--frames"), repeats=repeats, warmup=warmup,
-                ratios=(ratio,), intervals=(interval,), tokens_per_frame=(tokens_per_frame,),
-                chunk_frames=chunk_frames, metric=metric, selection=selection, cuda_graph=cuda_graph,
-                seed=seed, video=video, fps=fps, checkpoint=checkpoint, out=str(out),
-            )
-        except ValueError as err:
-            raise fail(str(err)) from None
+        config = build_config(
+            framework, frames=frames, ratios=(ratio,), intervals=(interval,), tokens=(tokens_per_frame,), gpu=gpu,
+            device=device, out=out, scale=scale, repeats=repeats, warmup=warmup, chunk_frames=chunk_frames,
+            metric=metric, selection=selection, cuda_graph=cuda_graph, dtype=dtype, seed=seed, video=video, fps=fps,
+            checkpoint=checkpoint,
+        )
         run_and_report(config)
 
     command.__doc__ = f"Benchmark {framework}: baseline vs +STC, interleaved, with a report folder."
     return command
 
 
-def run_and_report(config: BenchConfig) -> Path:
-    """Run ``config`` with a progress bar, write the run folder as results arrive, print the table."""
+def run_and_report(config: BenchConfig, resume_folder: Path | None = None) -> Path:
+    """Run ``config`` with a progress bar, saving the run folder as samples arrive, then print
+    the table. With ``resume_folder``, continue the partial run saved there."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stc_bench.device import resolve_device
     from stc_bench.errors import BenchUsageError
     from stc_bench.report import write_report
     from stc_bench.report.terminal import render_tables
+    from stc_bench.run_folder import RunFolder
     from stc_bench.runner import BenchmarkInterrupted, run_benchmark
 
     _setup_logging()
@@ -138,15 +153,17 @@ def run_and_report(config: BenchConfig) -> Path:
         device = resolve_device(config.device)
     except BenchUsageError as err:
         raise fail(str(err)) from None
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = Path(config.out) / f"{stamp}_{config.framework}_{device.label}"
-    try:
-        folder.mkdir(parents=True, exist_ok=False)
-    except OSError as err:
-        raise fail(f"--out {config.out}: cannot create {folder} ({err.strerror}); pass a writable --out") from None
-
-    def save_partial(result) -> None:
-        result.save(folder / "results.json")
+    resume = None
+    if resume_folder is not None:
+        folder = resume_folder
+        resume = RunFolder(folder).load_result()
+    else:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        folder = Path(config.out) / f"{stamp}_{config.framework}_{device.label}"
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+        except OSError as err:
+            raise fail(f"--out {config.out}: cannot create {folder} ({err.strerror}); pass a writable --out") from None
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
@@ -156,22 +173,27 @@ def run_and_report(config: BenchConfig) -> Path:
             bar.update(task, description=description, completed=done, total=total)
 
         try:
-            result = run_benchmark(config, progress=progress, on_point=save_partial)
+            result = run_benchmark(config, progress=progress, folder=RunFolder(folder), resume=resume)
         except BenchUsageError as err:
-            _remove_if_empty(folder)
+            if resume is None:
+                _remove_run_folder(folder)
             raise fail(str(err)) from None
         except BenchmarkInterrupted as stop:
             bar.stop()
-            written = write_report(stop.result, folder)
+            write_report(stop.result, folder)
             render_tables(stop.result, console)
-            raise fail(f"{stop}; what was measured before is in {written[-1].parent}", RUN_FAILED) from None
+            raise fail(f"{stop}; what was measured is in {folder} (continue with: stc-bench sweep --resume {folder})",
+                       RUN_FAILED) from None
     write_report(result, folder)
     render_tables(result, console)
     console.print(f"report: {folder / 'report.md'}", highlight=False)
     return folder
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_run_folder(folder: Path) -> None:
+    """Remove a run folder that holds nothing measured (a usage error before the first round)."""
+    for name in ("results.json", "partial.json"):
+        (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:
@@ -180,6 +202,110 @@ def _remove_if_empty(folder: Path) -> None:
 
 app.command("rekv", help="ReKV on LLaVA-OneVision-7B: SigLIP ViT encoding, projector/pooling/pruner, and "
                          "visual-token pre-fill into a KV cache, baseline vs +STC (cacher + pruner).")(_framework_command("rekv"))
+
+
+@app.command("sweep")
+def sweep_command(
+    framework: Annotated[str, typer.Argument(help="Framework to sweep (see stc-bench list).")] = "rekv",
+    ratio: RatiosOpt = "0.1,0.25,0.5",
+    interval: IntervalsOpt = "2",
+    tokens_per_frame: TokenListOpt = "64",
+    frames: FramesOpt = ["16"],  # noqa: B006 - typer reads the default, it is never mutated
+    scale: ScaleOpt = "auto",
+    repeats: RepeatsOpt = 20,
+    warmup: WarmupOpt = 5,
+    chunk_frames: ChunkOpt = 1,
+    metric: MetricOpt = "cosine",
+    selection: SelectionOpt = "shared",
+    cuda_graph: GraphOpt = False,
+    dtype: DtypeOpt = "auto",
+    gpu: GpuOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    video: VideoOpt = None,
+    fps: FpsOpt = 0.5,
+    checkpoint: CheckpointOpt = None,
+    out: OutOpt = Path("reports"),
+    resume: ResumeOpt = None,
+) -> None:
+    """Sweep STC's knobs: every combination of --ratio, --interval and --tokens-per-frame at each
+    --frames, against one baseline per frame count measured in the same interleaved rounds."""
+    options = dict(locals())
+    from stc_bench.frameworks import FRAMEWORK_MODULES
+
+    if framework not in FRAMEWORK_MODULES:
+        raise fail(f"unknown framework {framework!r}: choose one of {', '.join(sorted(FRAMEWORK_MODULES))}")
+    if resume is not None:
+        given = [k for k, v in options.items() if k in _SWEEP_DEFAULTS and v != _SWEEP_DEFAULTS[k]]
+        if given:
+            raise fail(f"--resume takes every setting from {resume}/results.json; drop --{'/--'.join(k.replace('_', '-') for k in given)}")
+        from stc_bench.errors import BenchUsageError
+        from stc_bench.run_folder import RunFolder
+
+        try:
+            saved = RunFolder(resume).load_result()
+        except BenchUsageError as err:
+            raise fail(str(err)) from None
+        run_and_report(saved.config, resume_folder=resume)
+        return
+    config = build_config(
+        framework, frames=frames, ratios=parse_list([ratio], float, "--ratio"),
+        intervals=parse_list([interval], int, "--interval"), tokens=parse_list([tokens_per_frame], int, "--tokens-per-frame"),
+        gpu=gpu, device=device, out=out, scale=scale, repeats=repeats, warmup=warmup, chunk_frames=chunk_frames,
+        metric=metric, selection=selection, cuda_graph=cuda_graph, dtype=dtype, seed=seed, video=video, fps=fps,
+        checkpoint=checkpoint,
+    )
+    run_and_report(config)
+
+
+_SWEEP_DEFAULTS = {
+    name: param.default for name, param in inspect.signature(sweep_command).parameters.items()
+    if name not in ("resume", "framework")
+}
+"""Option defaults of ``sweep``: with --resume, any option set away from these is an error."""
+
+
+@app.command("compare")
+def compare_command(
+    base: Annotated[Path, typer.Argument(help="The reference run: a results.json or a run folder.")],
+    new: Annotated[Path, typer.Argument(help="The run to check: a results.json or a run folder.")],
+    fail_on: Annotated[list[str], typer.Option("--fail-on", help="Fail when a latency grows: [STAGE:]STAT:PCT, STAT median or min, e.g. median:5% or prefill:median:10%. Repeatable.")] = ["median:5%"],  # noqa: B006
+    expect_reduction: Annotated[list[str], typer.Option("--expect-reduction", help="Require STC's reduction in NEW: STAGE:PCT, e.g. vit:20% (the lower end of its 95% interval must clear it). Repeatable.")] = [],  # noqa: B006
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs from different devices, scales or dtypes anyway.")] = False,
+    markdown: Annotated[Optional[Path], typer.Option(help="Also write the summary as Markdown here (e.g. $GITHUB_STEP_SUMMARY; appended).")] = None,
+) -> None:
+    """Compare NEW against BASE per stage, arm and point; exit 0 ok, 1 regression, 2 usage error,
+    3 inconclusive (intervals too wide or too few samples)."""
+    from rich.table import Table
+
+    from stc_bench.compare import (EXIT_CODES, check_compatible, compare_runs, overall, parse_reduction_gate,
+                                   parse_slowdown_gate, render_markdown)
+    from stc_bench.errors import BenchUsageError
+    from stc_bench.results import load_results
+
+    try:
+        slowdowns = [parse_slowdown_gate(g) for g in fail_on]
+        reductions = [parse_reduction_gate(g) for g in expect_reduction]
+        base_run, new_run = load_results(base), load_results(new)
+        warnings = check_compatible(base_run, new_run, allow_mismatch)
+        checks = compare_runs(base_run, new_run, slowdowns, reductions)
+    except BenchUsageError as err:
+        raise fail(str(err)) from None
+    verdict = overall(checks)
+    table = Table("check", "numbers", "verdict", title=f"stc-bench compare: {verdict.value}", title_justify="left")
+    colour = {"ok": "green", "regression": "red", "inconclusive": "yellow"}
+    for c in checks:
+        table.add_row(c.subject, c.detail, f"[{colour[c.verdict.value]}]{c.verdict.value}[/]" + (f" ({c.reason})" if c.reason else ""))
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(table)
+    if markdown is not None:
+        try:
+            with open(markdown, "a", encoding="utf-8") as f:
+                f.write(render_markdown(str(base), str(new), checks, warnings))
+        except OSError as err:
+            raise fail(f"--markdown {markdown}: cannot write ({err.strerror})") from None
+    raise typer.Exit(EXIT_CODES[verdict])
 
 
 @app.command("report")

@@ -81,6 +81,11 @@ class BenchConfig:
                     _fail(option, v, "a whole number >= 1")
         if not self.ratios:
             _fail("--ratio", "(none)", "given at least once")
+        for option, values in (("--frames", self.frames), ("--ratio", self.ratios), ("--interval", self.intervals),
+                               ("--tokens-per-frame", self.tokens_per_frame)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                _fail(option, ",".join(f"{v:g}" for v in repeated), "given once each (it is repeated)")
         for r in self.ratios:
             if not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 _fail("--ratio", r, "in (0, 1], the fraction of tokens recomputed on selective frames")

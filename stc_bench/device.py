@@ -6,12 +6,12 @@ the CPU path exercises the same calls and the GPU-only branches stay few and sho
 
 from __future__ import annotations
 
-from stc_bench.errors import BenchUsageError
-
 import platform
 from dataclasses import dataclass
 
 import torch
+
+from stc_bench.errors import BenchUsageError
 
 
 class DeviceError(BenchUsageError):

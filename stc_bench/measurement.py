@@ -7,6 +7,7 @@ every raw sample (warm-up excluded) and computes statistics lazily, after
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 from dataclasses import asdict, dataclass, field
@@ -138,7 +139,7 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict."""
         return {"spec": asdict(self.spec), "times_ms": list(self.times_ms), "warmup": self.warmup,
-                "chunk_ms": [list(c) for c in self.chunk_ms], "metadata": dict(self.metadata)}
+                "chunk_ms": [list(c) for c in self.chunk_ms], "metadata": copy.deepcopy(self.metadata)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:

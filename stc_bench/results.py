@@ -4,8 +4,7 @@ the exact token/MAC counts and fidelity of each point, and derived summaries for
 
 from __future__ import annotations
 
-from stc_bench.errors import BenchUsageError
-
+import copy
 import json
 import os
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stc_bench.config import BenchConfig, STCPoint
+from stc_bench.errors import BenchUsageError
 from stc_bench.measurement import Arm, Measurement, Reduction, StageSpec, paired_reduction
 
 SCHEMA_VERSION = 1
@@ -44,9 +44,10 @@ class PointResult:
         return 1.0 - new / base
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-safe dict."""
-        return {"frames": self.frames, "point": self.point.__dict__, "macs": self.macs, "tokens": self.tokens,
-                "fidelity": self.fidelity, "chunk_kinds": self.chunk_kinds, "recompute_fraction": self.recompute_fraction}
+        """Plain JSON-safe dict (a copy: mutating it leaves the result untouched)."""
+        return copy.deepcopy({"frames": self.frames, "point": self.point.__dict__, "macs": self.macs, "tokens": self.tokens,
+                              "fidelity": self.fidelity, "chunk_kinds": self.chunk_kinds,
+                              "recompute_fraction": self.recompute_fraction})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PointResult:
@@ -93,7 +94,7 @@ class RunResult:
         return paired_reduction(base, new)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (with derived reductions included for readers of the file)."""
+        """The JSON document (with derived reductions included for readers of the file); a copy."""
         summaries = []
         for p in self.points:
             for stage in self.stages:
@@ -106,9 +107,9 @@ class RunResult:
             "schema_version": SCHEMA_VERSION,
             "complete": self.complete,
             "config": self.config.to_dict(),
-            "environment": self.environment,
-            "run": self.run,
-            "errors": self.errors,
+            "environment": copy.deepcopy(self.environment),
+            "run": copy.deepcopy(self.run),
+            "errors": list(self.errors),
             "points": [p.to_dict() for p in self.points],
             "measurements": [m.to_dict() for m in self.measurements],
             "summaries": summaries,
@@ -132,12 +133,16 @@ class RunResult:
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename), so a crash never leaves a torn results.json."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
+        write_json_atomically(path, self.to_dict())
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON through a temp file + rename, so a crash never leaves a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+    os.replace(tmp, path)
 
 
 def load_results(path: str | Path) -> RunResult:

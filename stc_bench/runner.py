@@ -1,18 +1,23 @@
 """Arms x repeats x frame counts -> measurements.
 
 For each frame count, the baseline and every +STC point stream the same frames, interleaved
-(A B, then B A, ...) so slow drift of the machine hits every arm alike. Each pass starts a
-fresh stream (new KV cache, new pruner memory, a freshly attached cacher). After the timed
-passes, one untimed pass per arm captures features and logits for the fidelity figures.
-Each finished frame count is handed to ``on_point`` at once, so an interrupted or failed run
-keeps what it measured.
+(one round = every arm once; odd rounds run the arms in reverse order) so slow drift of the
+machine hits every arm alike, and the baseline is measured once for all points. Each pass
+starts a fresh stream (new KV cache, new pruner memory, a freshly attached cacher). After the
+timed rounds, one untimed pass per arm captures features and logits for the fidelity figures.
+
+With a ``RunFolder``, the raw samples are saved after every measured round and each finished
+frame count goes to results.json at once, so an interrupted run keeps what it measured and
+``resume`` continues it: finished frame counts are skipped, and the frame count in progress
+re-runs its warm-up and then measures only the rounds still missing.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,9 +27,10 @@ from stc_bench.device import Device, resolve_device, resolve_dtype
 from stc_bench.env import capture_environment
 from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
-from stc_bench.frameworks.framework import ArmSettings, Pipeline, StreamOutput
+from stc_bench.frameworks.framework import ArmSettings, Pipeline
 from stc_bench.measurement import Arm, Measurement
 from stc_bench.results import PointResult, RunResult, stage_spec
+from stc_bench.run_folder import RunFolder
 from stc_bench.timing import StageTimer
 from stc_bench.video import load_clip
 
@@ -63,78 +69,93 @@ def arms_of(config: BenchConfig) -> list[ArmSettings]:
     return arms
 
 
-@dataclass
-class _Samples:
-    totals: dict[str, list[float]]
-    chunks: dict[str, list[list[float]]]
-    peak_mb: float | None = None
-    last: StreamOutput | None = None
+def _empty_samples(arms: list[ArmSettings], stages: tuple[str, ...]) -> dict[str, Any]:
+    """JSON-safe raw samples: arm label -> totals/chunks per stage, peak memory."""
+    return {a.label: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None}
+            for a in arms}
 
 
 def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: ArmSettings, device: Device, chunk_frames: int):
     device.reset_peak_memory()
     timer = StageTimer(device)
-    out = pipeline.stream(clip, arm, timer, chunk_frames)
-    spans = timer.finish()
-    return out, spans, device.peak_memory_mb()
+    pipeline.stream(clip, arm, timer, chunk_frames)
+    return timer.finish(), device.peak_memory_mb()
 
 
-def measure_frame_count(pipeline: Pipeline, config: BenchConfig, run: dict, device: Device, clip: torch.Tensor,
-                        arms: list[ArmSettings], tick: Callable[[], None]) -> tuple[list[Measurement], list[PointResult]]:
-    """All arms at one frame count: interleaved timed passes, then fidelity and exact counts."""
+def measure_frame_count(
+    pipeline: Pipeline,
+    config: BenchConfig,
+    run: dict,
+    device: Device,
+    clip: torch.Tensor,
+    arms: list[ArmSettings],
+    tick: Callable[[], None],
+    folder: RunFolder | None = None,
+) -> tuple[list[Measurement], list[PointResult]]:
+    """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts."""
     frames = clip.shape[0]
-    samples = {a.label: _Samples({s: [] for s in pipeline.stages}, {s: [] for s in pipeline.stages}) for a in arms}
+    saved = folder.load_progress(frames) if folder is not None else None
+    done, samples = saved if saved is not None else (0, _empty_samples(arms, pipeline.stages))
+    if done:
+        logger.warning("resuming %d frames: %d of %d rounds already measured", frames, done, config.repeats)
     for repeat in range(config.warmup + config.repeats):
+        measured = repeat >= config.warmup
+        if measured and repeat - config.warmup < done:
+            tick(len(arms))
+            continue
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            out, spans, peak = _timed_pass(pipeline, clip, arm, device, config.chunk_frames)
-            tick()
-            if repeat < config.warmup:
+            spans, peak = _timed_pass(pipeline, clip, arm, device, config.chunk_frames)
+            tick(1)
+            if not measured:
                 continue
             s = samples[arm.label]
             for stage in pipeline.stages:
                 per_chunk = [sp.ms for sp in spans if sp.stage == stage]
-                s.totals[stage].append(sum(per_chunk))
-                s.chunks[stage].append(per_chunk)
+                s["totals"][stage].append(sum(per_chunk))
+                s["chunks"][stage].append(per_chunk)
             if peak is not None:
-                s.peak_mb = max(peak, s.peak_mb or 0.0)
-            s.last = out
+                s["peak_mb"] = max(peak, s["peak_mb"] or 0.0)
+        if measured and folder is not None:
+            folder.save_progress(frames, repeat - config.warmup + 1, samples)
 
     captured = {a.label: pipeline.stream(clip, a, StageTimer(device), config.chunk_frames, capture=True) for a in arms}
-    tick()
+    tick(1)
     measurements = []
     for arm in arms:
-        s = samples[arm.label]
+        s, out = samples[arm.label], captured[arm.label]
         for stage in pipeline.stages:
-            meta = {"tokens": s.last.tokens[stage], "chunk_frames": config.chunk_frames}
+            meta: dict[str, Any] = {"tokens": out.tokens[stage], "chunk_frames": config.chunk_frames}
             if stage == "vit":
-                meta["chunk_kinds"] = s.last.chunk_kinds
-            if s.peak_mb is not None:
-                meta["peak_memory_mb"] = s.peak_mb
+                meta["chunk_kinds"] = out.chunk_kinds
+            if s["peak_mb"] is not None:
+                meta["peak_memory_mb"] = s["peak_mb"]
             spec = stage_spec(config, run, device.label, frames, stage, arm.point)
-            measurements.append(Measurement(spec, s.totals[stage], config.warmup, s.chunks[stage], meta))
-    base = arms[0]
+            measurements.append(Measurement(spec, s["totals"][stage], config.warmup, s["chunks"][stage], meta))
+    base = captured[arms[0].label]
     points = []
     for arm in arms[1:]:
-        stats = samples[arm.label].last.cacher_stats
+        out = captured[arm.label]
         points.append(PointResult(
             frames=frames,
             point=arm.point,
-            macs={Arm.BASELINE.value: pipeline.macs(frames, base, config.chunk_frames),
+            macs={Arm.BASELINE.value: pipeline.macs(frames, arms[0], config.chunk_frames),
                   Arm.STC.value: pipeline.macs(frames, arm, config.chunk_frames)},
-            tokens={Arm.BASELINE.value: samples[base.label].last.tokens, Arm.STC.value: samples[arm.label].last.tokens},
-            fidelity=compare_streams(captured[base.label], captured[arm.label]),
-            chunk_kinds=samples[arm.label].last.chunk_kinds,
-            recompute_fraction=stats.recompute_fraction if stats is not None else None,
+            tokens={Arm.BASELINE.value: base.tokens, Arm.STC.value: out.tokens},
+            fidelity=compare_streams(base, out),
+            chunk_kinds=out.chunk_kinds,
+            recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
         ))
     return measurements, points
 
 
 def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
-                  on_point: Callable[[RunResult], None] | None = None) -> RunResult:
+                  folder: RunFolder | None = None, resume: RunResult | None = None) -> RunResult:
     """Build the framework, then measure every frame count; returns the complete result.
 
-    Raises ``BenchmarkInterrupted`` (carrying the partial result) on CUDA out-of-memory or
-    Ctrl-C; ``on_point`` has by then received every finished frame count.
+    With ``folder``, results.json is written at the start and after every frame count, and raw
+    samples after every round. ``resume`` (a partial result read from that folder) skips the
+    frame counts it already holds. Raises ``BenchmarkInterrupted``, carrying the partial result,
+    on CUDA out-of-memory or Ctrl-C.
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -144,40 +165,53 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     report = progress or (lambda *_: None)
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
     pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
-    run = {
-        "scale": pipeline.scale, "scale_reason": reason, "dtype": str(dtype).removeprefix("torch."),
-        "weights": "checkpoint" if config.checkpoint else "random",
-        "video": config.video or "synthetic", "architecture": pipeline.description,
-        "stc_components": framework.stc_components,
-    }
-    result = RunResult(config=config, environment=capture_environment(device), run=run)
+    if resume is not None:
+        result = resume
+        result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    else:
+        run = {
+            "scale": pipeline.scale, "scale_reason": reason, "dtype": str(dtype).removeprefix("torch."),
+            "weights": "checkpoint" if config.checkpoint else "random",
+            "video": config.video or "synthetic", "architecture": pipeline.description,
+            "stc_components": framework.stc_components,
+        }
+        result = RunResult(config=config, environment=capture_environment(device), run=run)
+    if folder is not None:
+        folder.save_result(result)
+    finished = {p.frames for p in result.points}
     clip_all = load_clip(max(config.frames), pipeline.image_size, config.video, config.fps, config.seed)
     arms = arms_of(config)
-    passes = sum((config.warmup + config.repeats) * len(arms) + 1 for _ in config.frames)
-    done = 0
+    passes = len(config.frames) * ((config.warmup + config.repeats) * len(arms) + 1)
+    done = len(finished) * ((config.warmup + config.repeats) * len(arms) + 1)
+    description = f"{config.framework}: {len(arms)} arms x {config.repeats} repeats"
+    report(description, done, passes)
 
-    def tick() -> None:
+    def tick(n: int) -> None:
         nonlocal done
-        done += 1
-        report(f"{config.framework}: {len(arms)} arms x {config.repeats} repeats", done, passes)
+        done += n
+        report(description, done, passes)
 
     for frames in config.frames:
+        if frames in finished:
+            continue
         clip = clip_all[:frames].to(device.torch_device, dtype)
         try:
             with torch.inference_mode():
-                measurements, points = measure_frame_count(pipeline, config, run, device, clip, arms, tick)
+                measurements, points = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder)
         except torch.cuda.OutOfMemoryError:
             result.errors.append(
-                f"CUDA out of memory at --frames {frames} (scale {pipeline.scale}, dtype {run['dtype']}, "
+                f"CUDA out of memory at --frames {frames} (scale {pipeline.scale}, dtype {result.run['dtype']}, "
                 f"--chunk-frames {config.chunk_frames}); try fewer frames, a smaller --scale or another GPU"
             )
             raise BenchmarkInterrupted(result.errors[-1], result) from None
         except KeyboardInterrupt:
-            result.errors.append(f"interrupted during --frames {frames}")
-            raise BenchmarkInterrupted(result.errors[-1], result) from None
+            raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result) from None
         result.measurements.extend(measurements)
         result.points.extend(points)
-        if on_point is not None:
-            on_point(result)
+        if folder is not None:
+            folder.save_result(result)
+            folder.clear_progress()
     result.complete = True
+    if folder is not None:
+        folder.save_result(result)
     return result

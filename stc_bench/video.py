@@ -6,13 +6,13 @@ applies the SigLIP processor's mean/std (0.5). Every arm of a run receives the s
 
 from __future__ import annotations
 
-from stc_bench.errors import BenchUsageError
-
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from stc_bench.errors import BenchUsageError
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)

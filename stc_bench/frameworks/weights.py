@@ -8,8 +8,6 @@ activations stay finite), ones and zeros for norms and biases.
 
 from __future__ import annotations
 
-from stc_bench.errors import BenchUsageError
-
 import contextlib
 import json
 from collections.abc import Callable, Iterator
@@ -18,6 +16,8 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+
+from stc_bench.errors import BenchUsageError
 
 M = TypeVar("M", bound=nn.Module)
 

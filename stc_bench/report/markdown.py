@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line
+from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, sweep_headers, sweep_rows
 from stc_bench.report.terminal import header_lines
 from stc_bench.results import RunResult
 
@@ -48,6 +48,8 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
     parts.append("Reductions are `1 - STC / baseline` (positive = faster), on the medians and on the minima of the "
                  "per-stream totals; the interval is a paired bootstrap over repeats. *FLOP limit* is the analytic "
                  "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit.")
+    if len(result.points) > 1:
+        parts += ["", "### Sweep", "", _table(sweep_headers(result), sweep_rows(result)), ""]
     for p in result.points:
         parts += ["", f"### {p.frames} frames, +STC {p.point.label}", "",
                   _table(COMPARISON_HEADERS, comparison_rows(result, p)), "", fidelity_line(result, p) + "."]

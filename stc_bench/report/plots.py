@@ -76,3 +76,114 @@ def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+KNOBS = {"ratio": "update ratio", "interval": "cache interval", "tokens_per_frame": "tokens per frame", "frames": "frames"}
+
+
+def _knob_value(point, knob: str):
+    return point.frames if knob == "frames" else getattr(point.point, knob)
+
+
+def swept_knobs(result: RunResult) -> list[str]:
+    """Knobs that take more than one value across the run's points."""
+    return [k for k in KNOBS if len({_knob_value(p, k) for p in result.points}) > 1]
+
+
+def _curves(result: RunResult, knob: str) -> dict[str, list]:
+    """Points grouped by the values of every other swept knob, each group sorted along ``knob``."""
+    others = [k for k in swept_knobs(result) if k != knob]
+    groups: dict[str, list] = {}
+    for p in result.points:
+        label = ", ".join(f"{k.replace('tokens_per_frame', 'k')}={_knob_value(p, k):g}" for k in others) or "all"
+        groups.setdefault(label, []).append(p)
+    return {label: sorted(ps, key=lambda p: _knob_value(p, knob)) for label, ps in groups.items()}
+
+
+def _legend_below(fig, ax) -> None:
+    """One legend for the whole figure, under the subplots, so it never hides data."""
+    handles, labels = ax.get_legend_handles_labels()
+    rows = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+
+
+def plot_reduction_vs_knob(result: RunResult, knob: str, path: Path) -> Path:
+    """Measured median reduction (95% interval bars) against ``knob``, per stage, with the FLOP
+    limit of the same settings dashed in the same colour; one curve per other-knob setting."""
+    stages = result.stages
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for i, (label, points) in enumerate(_curves(result, knob).items()):
+            colour = f"C{i}"
+            xs, ys, lo, hi, flop = [], [], [], [], []
+            for p in points:
+                r = result.reduction(p, stage)
+                if r is None:
+                    continue
+                xs.append(_knob_value(p, knob)); ys.append(100 * r.on_median)
+                lo.append(100 * (r.on_median - r.ci_low)); hi.append(100 * (r.ci_high - r.on_median))
+                flop.append(None if p.flop_reduction(stage) is None else 100 * p.flop_reduction(stage))
+            ax.errorbar(xs, ys, yerr=[lo, hi], color=colour, marker="o", capsize=3, label=f"measured ({label})")
+            if any(f is not None for f in flop):
+                ax.plot(xs, flop, color=colour, ls="--", alpha=0.7, label=f"FLOP limit ({label})")
+        ax.axhline(0, color="black", lw=0.8)
+        if knob != "ratio":  # whole-number knobs: ticks at the swept values only
+            ax.set_xticks(sorted({_knob_value(p, knob) for p in result.points}))
+        ax.set_xlabel(KNOBS[knob])
+        ax.set_ylabel("reduction vs baseline, %")
+        ax.set_title(stage)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
+                 f"reduction vs {KNOBS[knob]}", fontsize=10)
+    _legend_below(fig, axes[0][0])
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_vs_frames(result: RunResult, path: Path) -> Path:
+    """Median latency per stage against the frame count, baseline and each +STC point."""
+    stages = result.stages
+    frames = sorted(set(result.config.frames))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 4), squeeze=False)
+    labels = sorted({p.point for p in result.points}, key=lambda q: (q.ratio, q.interval, q.tokens_per_frame))
+    for ax, stage in zip(axes[0], stages):
+        base = [result.baseline(f, stage) for f in frames]
+        ax.plot([f for f, m in zip(frames, base) if m], [m.median for m in base if m], marker="o", color="black", label="baseline")
+        for i, q in enumerate(labels):
+            ms = [result.stc(f, q, stage) for f in frames]
+            ax.plot([f for f, m in zip(frames, ms) if m], [m.median for m in ms if m], marker="o", color=f"C{i}",
+                    label=f"+STC {q.label}")
+        ax.set_xlabel("frames")
+        ax.set_ylabel("median ms per stream")
+        ax.set_title(stage)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result.config.framework}: median latency vs frames", fontsize=10)
+    _legend_below(fig, axes[0][0])
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity_vs_ratio(result: RunResult, path: Path) -> Path:
+    """The speed/fidelity trade-off: ViT feature cosine and query KL against the update ratio,
+    one curve per other-knob setting."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    for i, (label, points) in enumerate(_curves(result, "ratio").items()):
+        xs = [p.point.ratio for p in points]
+        left.plot(xs, [p.fidelity.get("vit_cosine_mean") for p in points], marker="o", color=f"C{i}", label=label)
+        right.plot(xs, [p.fidelity.get("logits_kl_mean") for p in points], marker="o", color=f"C{i}", label=label)
+    left.set_ylabel("ViT feature cosine vs baseline (mean over frames)")
+    right.set_ylabel("query-logit KL vs baseline, nats")
+    for ax in (left, right):
+        ax.set_xlabel("update ratio")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    weights = "random weights" if result.run["weights"] == "random" else "checkpoint weights"
+    fig.suptitle(f"Fidelity vs update ratio ({weights})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

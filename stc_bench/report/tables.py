@@ -106,3 +106,32 @@ def fidelity_line(result: RunResult, point) -> str:
     if point.recompute_fraction is not None:
         parts.append(f"ViT tokens recomputed {point.recompute_fraction:.1%}")
     return f"fidelity ({label}): " + "; ".join(parts)
+
+
+def sweep_headers(result: RunResult) -> list[str]:
+    """Columns of the one-line-per-point sweep table."""
+    headers = ["frames", "ratio", "interval", "k/frame"]
+    for stage in result.stages:
+        headers.append(f"{stage} % [95% CI]")
+        if any(p.flop_reduction(stage) is not None for p in result.points):
+            headers.append(f"{stage} FLOP %")
+    return headers + ["ViT cos (min)", "query KL", "ViT recomputed"]
+
+
+def sweep_rows(result: RunResult) -> list[list[str]]:
+    """One formatted row per (frame count, STC point); reductions in percent, 1 - STC / baseline."""
+    rows = []
+    for p in result.points:
+        row = [str(p.frames), f"{p.point.ratio:g}", str(p.point.interval), str(p.point.tokens_per_frame)]
+        for stage in result.stages:
+            r = result.reduction(p, stage)
+            row.append("—" if r is None else f"{100 * r.on_median:+.1f} [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]")
+            if any(q.flop_reduction(stage) is not None for q in result.points):
+                flop = p.flop_reduction(stage)
+                row.append("—" if flop is None else f"{100 * flop:+.1f}")
+        f = p.fidelity
+        row.append(f"{f['vit_cosine_mean']:.4f} ({f['vit_cosine_min']:.4f})" if "vit_cosine_mean" in f else "—")
+        row.append(f"{f['logits_kl_mean']:.2e}" if "logits_kl_mean" in f else "—")
+        row.append("—" if p.recompute_fraction is None else f"{p.recompute_fraction:.1%}")
+        rows.append(row)
+    return rows

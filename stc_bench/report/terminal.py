@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line
+from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, sweep_headers, sweep_rows
 from stc_bench.results import RunResult
 
 
@@ -25,7 +25,15 @@ def render_tables(result: RunResult, console: Console) -> None:
     """Print one table per point: per stage, baseline vs +STC, reductions, FLOP limit, tokens."""
     for line in header_lines(result):
         console.print(line, highlight=False)
-    for p in result.points:
+    if len(result.points) > 1:  # a sweep: one line per point (per-point detail is in summary.csv)
+        table = Table(title=f"{len(result.points)} points, reductions = 1 - STC / baseline on medians", title_justify="left")
+        for i, col in enumerate(sweep_headers(result)):
+            table.add_column(col, justify="right", no_wrap=True)
+        for row in sweep_rows(result):
+            table.add_row(*row)
+        console.print(table)
+        console.print("fidelity: " + ("random weights" if result.run["weights"] == "random" else "checkpoint weights"))
+    for p in result.points if len(result.points) == 1 else ():
         table = Table(title=f"{p.frames} frames, +STC {p.point.label}", title_justify="left")
         for i, col in enumerate(COMPARISON_HEADERS):
             table.add_column(col, justify="left" if i == 0 else "right")
