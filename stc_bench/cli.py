@@ -68,7 +68,7 @@ WarmupOpt = Annotated[int, typer.Option(help="Untimed streams per arm before tim
 RatioOpt = Annotated[float, typer.Option(help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1].")]
 IntervalOpt = Annotated[int, typer.Option(help="STC-Cacher: a full refresh frame every N frames (N >= 1).")]
 TokensOpt = Annotated[int, typer.Option("--tokens-per-frame", help="STC-Pruner: visual tokens kept per frame before pre-fill (the baseline keeps all).")]
-ChunkOpt = Annotated[int, typer.Option(help="Frames per streaming step (ViT call + pre-fill call); STC streams 1.")]
+ChunkOpt = Annotated[Optional[int], typer.Option(help="Frames per streaming step (one ViT call, one pre-fill call). Default: the framework's protocol (rekv and streamforest 1, dispider 16, livecc 2 after a first step of 6).")]
 MetricOpt = Annotated[str, typer.Option(help=f"STC-Cacher token-change metric: {', '.join(METRICS)}.")]
 SelectionOpt = Annotated[str, typer.Option(help=f"STC-Cacher: {', '.join(SELECTIONS)} (shared = the first layer picks the tokens for all).")]
 GraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay selective ViT layers from CUDA graphs (GPU only).")]
@@ -111,7 +111,7 @@ def _framework_command(framework: str):
         ratio: RatioOpt = 0.25,
         interval: IntervalOpt = 2,
         tokens_per_frame: TokensOpt = 64,
-        chunk_frames: ChunkOpt = 1,
+        chunk_frames: ChunkOpt = None,
         metric: MetricOpt = "cosine",
         selection: SelectionOpt = "shared",
         cuda_graph: GraphOpt = False,
@@ -214,7 +214,7 @@ def sweep_command(
     scale: ScaleOpt = "auto",
     repeats: RepeatsOpt = 20,
     warmup: WarmupOpt = 5,
-    chunk_frames: ChunkOpt = 1,
+    chunk_frames: ChunkOpt = None,
     metric: MetricOpt = "cosine",
     selection: SelectionOpt = "shared",
     cuda_graph: GraphOpt = False,

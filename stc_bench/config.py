@@ -53,7 +53,8 @@ class BenchConfig:
     ratios: tuple[float, ...] = (0.25,)
     intervals: tuple[int, ...] = (2,)
     tokens_per_frame: tuple[int, ...] = (64,)
-    chunk_frames: int = 1
+    chunk_frames: int | None = None
+    """Frames per streaming step; None = the framework's own protocol."""
     metric: str = "cosine"
     selection: str = "shared"
     cuda_graph: bool = False
@@ -93,7 +94,7 @@ class BenchConfig:
             _fail("--repeats", self.repeats, "a whole number >= 1")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             _fail("--warmup", self.warmup, "a whole number >= 0")
-        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+        if self.chunk_frames is not None and (not isinstance(self.chunk_frames, int) or self.chunk_frames < 1):
             _fail("--chunk-frames", self.chunk_frames, "a whole number >= 1")
         if not self.fps > 0:
             _fail("--fps", self.fps, "> 0")

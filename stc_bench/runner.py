@@ -94,6 +94,7 @@ def measure_frame_count(
 ) -> tuple[list[Measurement], list[PointResult]]:
     """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts."""
     frames = clip.shape[0]
+    chunk_frames = run["chunk_frames"]
     saved = folder.load_progress(frames) if folder is not None else None
     done, samples = saved if saved is not None else (0, _empty_samples(arms, pipeline.stages))
     if done:
@@ -104,7 +105,7 @@ def measure_frame_count(
             tick(len(arms))
             continue
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            spans, peak = _timed_pass(pipeline, clip, arm, device, config.chunk_frames)
+            spans, peak = _timed_pass(pipeline, clip, arm, device, chunk_frames)
             tick(1)
             if not measured:
                 continue
@@ -118,13 +119,13 @@ def measure_frame_count(
         if measured and folder is not None:
             folder.save_progress(frames, repeat - config.warmup + 1, samples)
 
-    captured = {a.label: pipeline.stream(clip, a, StageTimer(device), config.chunk_frames, capture=True) for a in arms}
+    captured = {a.label: pipeline.stream(clip, a, StageTimer(device), chunk_frames, capture=True) for a in arms}
     tick(1)
     measurements = []
     for arm in arms:
         s, out = samples[arm.label], captured[arm.label]
         for stage in pipeline.stages:
-            meta: dict[str, Any] = {"tokens": out.tokens[stage], "chunk_frames": config.chunk_frames}
+            meta: dict[str, Any] = {"tokens": out.tokens[stage], "chunk_frames": chunk_frames}
             if stage == "vit":
                 meta["chunk_kinds"] = out.chunk_kinds
             if s["peak_mb"] is not None:
@@ -138,8 +139,8 @@ def measure_frame_count(
         points.append(PointResult(
             frames=frames,
             point=arm.point,
-            macs={Arm.BASELINE.value: pipeline.macs(frames, arms[0], config.chunk_frames),
-                  Arm.STC.value: pipeline.macs(frames, arm, config.chunk_frames)},
+            macs={Arm.BASELINE.value: pipeline.macs(frames, arms[0], chunk_frames),
+                  Arm.STC.value: pipeline.macs(frames, arm, chunk_frames)},
             tokens={Arm.BASELINE.value: base.tokens, Arm.STC.value: out.tokens},
             fidelity=compare_streams(base, out),
             chunk_kinds=out.chunk_kinds,
@@ -174,12 +175,15 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
             "weights": "checkpoint" if config.checkpoint else "random",
             "video": config.video or "synthetic", "architecture": pipeline.description,
             "stc_components": framework.stc_components,
+            "chunk_frames": config.chunk_frames or pipeline.default_chunk_frames,
+            "notes": list(pipeline.notes),
         }
         result = RunResult(config=config, environment=capture_environment(device), run=run)
     if folder is not None:
         folder.save_result(result)
     finished = {p.frames for p in result.points}
-    clip_all = load_clip(max(config.frames), pipeline.image_size, config.video, config.fps, config.seed)
+    clip_all = load_clip(max(config.frames), pipeline.image_size, config.video, config.fps, config.seed,
+                         mean=pipeline.mean, std=pipeline.std)
     arms = arms_of(config)
     passes = len(config.frames) * ((config.warmup + config.repeats) * len(arms) + 1)
     done = len(finished) * ((config.warmup + config.repeats) * len(arms) + 1)
@@ -201,7 +205,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
         except torch.cuda.OutOfMemoryError:
             result.errors.append(
                 f"CUDA out of memory at --frames {frames} (scale {pipeline.scale}, dtype {result.run['dtype']}, "
-                f"--chunk-frames {config.chunk_frames}); try fewer frames, a smaller --scale or another GPU"
+                f"--chunk-frames {result.run['chunk_frames']}); try fewer frames, a smaller --scale or another GPU"
             )
             raise BenchmarkInterrupted(result.errors[-1], result) from None
         except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Frame sources: a built-in synthetic streaming clip, or a video file decoded with PyAV.
 
 Both give (T, 3, S, S) float frames in [0, 1] at the tower's input size; ``normalise`` then
-applies the SigLIP processor's mean/std (0.5). Every arm of a run receives the same tensor.
+applies the tower's processor mean/std (SigLIP: 0.5; CLIP and Qwen2-VL: OpenAI CLIP's). Every arm of a run receives the same tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from stc_bench.errors import BenchUsageError
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VideoError(BenchUsageError):
@@ -101,7 +103,8 @@ def normalise(clip: torch.Tensor, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Ten
     return (clip - m) / s
 
 
-def load_clip(frames: int, size: int, video: str | None, fps: float, seed: int) -> torch.Tensor:
+def load_clip(frames: int, size: int, video: str | None, fps: float, seed: int,
+              mean=SIGLIP_MEAN, std=SIGLIP_STD) -> torch.Tensor:
     """The normalised frames of a run: from ``video`` when given, else the synthetic clip."""
     raw = decode_video(video, frames, fps, size) if video else synthetic_clip(frames, size, seed)
-    return normalise(raw)
+    return normalise(raw, mean, std)

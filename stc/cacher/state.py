@@ -90,9 +90,13 @@ class CallPlan:
 class CacherState:
     """Mutable state of one stream (one video) through one patched tower."""
 
-    def __init__(self, config: CacherConfig, num_layers: int):
+    def __init__(self, config: CacherConfig, num_layers: int, reset_on_resize: bool = False):
         self.config = config
         self.num_layers = num_layers
+        self.reset_on_resize = reset_on_resize
+        """True: frames of a new token count start a new stream; False: they are an error."""
+        self.call_shape: tuple[int, int] | None = None
+        """(frames, tokens per frame) of the current call, for towers that see a flat sequence."""
         self.reset()
 
     def reset(self) -> None:
@@ -115,6 +119,8 @@ class CacherState:
         yet (a previous call failed before storing one); a selective frame reads the latest
         refresh frame at or before it: one of this call's, or the stored one.
         """
+        if self.tokens_per_frame is not None and tokens != self.tokens_per_frame and self.reset_on_resize:
+            self.reset()
         if self.tokens_per_frame is not None and tokens != self.tokens_per_frame:
             raise StreamStateError(
                 f"frames now have {tokens} tokens but this stream started with {self.tokens_per_frame}: "

@@ -1,10 +1,11 @@
-"""STC-Cacher for HuggingFace CLIP and SigLIP vision towers (transformers 4.45 to 5.x).
+"""STC-Cacher for HuggingFace vision towers: CLIP, SigLIP and Qwen2-VL (transformers 4.45 to 5.x).
 
-This is the only module that knows transformers' attribute names. It finds the encoder layers
-of a vision tower (``CLIPVisionModel``, ``SiglipVisionModel``, or a larger model holding one,
-such as ``LlavaOnevisionForConditionalGeneration``), and replaces each layer *instance's*
-forward with the batched streaming forward of ``stc.cacher.stream``. The classes are never
-touched, so ``type(layer)``, ``isinstance`` checks and hooks keep working.
+Together with ``qwen2_vl`` this is the only code that knows transformers' attribute names. It
+finds the encoder layers of a vision tower (``CLIPVisionModel``, ``SiglipVisionModel``,
+Qwen2-VL's vision transformer, or a larger model holding one, such as
+``LlavaOnevisionForConditionalGeneration``), and replaces each layer *instance's* forward with
+the batched streaming forward of ``stc.cacher.stream``. The classes are never touched, so
+``type(layer)``, ``isinstance`` checks and hooks keep working.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from stc.cacher.state import CacherState
 from stc.cacher.stream import cached_layer_forward
 from stc.config import CacherConfig
 from stc.errors import STCError, UnsupportedModelError
+from stc.integrations import qwen2_vl
 from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle
 
-PREFIX_TOKENS: dict[str, int] = {"CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0}
+PREFIX_TOKENS: dict[str, int] = {"CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0, qwen2_vl.BLOCK_CLASS: 0}
 """Supported encoder-layer classes, by name, and how many leading tokens (CLS) each frame has."""
 
 
@@ -36,8 +38,8 @@ def _layer_kind(module: nn.Module) -> str | None:
     return next((name for name in _class_names(module) if name in PREFIX_TOKENS), None)
 
 
-def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], int]:
-    """The vision tower inside ``model``, its encoder layers in order, and its prefix-token count.
+def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], str]:
+    """The vision tower inside ``model``, its encoder layers in order, and their class name.
 
     The tower is the innermost module with "Vision" in its class name that holds a
     ``ModuleList`` of supported encoder layers (text encoders of CLIP/SigLIP are skipped).
@@ -56,10 +58,10 @@ def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], in
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]  # root first
         vision = [m for m in ancestors if "Vision" in type(m).__name__]
         if vision:
-            towers.append((vision[-1], list(stack), PREFIX_TOKENS[kind], path))
+            towers.append((vision[-1], list(stack), kind, path))
     if len(towers) == 1:
-        tower, layers, prefix, _ = towers[0]
-        return tower, layers, prefix
+        tower, layers, kind, _ = towers[0]
+        return tower, layers, kind
     if len(towers) > 1:
         paths = ", ".join(repr(t[3]) for t in towers)
         raise UnsupportedModelError(
@@ -69,8 +71,9 @@ def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], in
     found = sorted({type(m).__name__ for m in modules.values() if "Layer" in type(m).__name__})
     raise UnsupportedModelError(
         f"{type(model).__name__} has no vision encoder layers STC-Cacher can patch: expected a vision "
-        f"tower with layers of class {' or '.join(sorted(PREFIX_TOKENS))}; found layer classes "
-        f"{found or 'none'}. Pass a CLIPVisionModel, a SiglipVisionModel, or a model that holds one."
+        f"tower with layers of class {', '.join(sorted(PREFIX_TOKENS))}; found layer classes "
+        f"{found or 'none'}. Pass a CLIPVisionModel, a SiglipVisionModel, a Qwen2-VL vision tower, "
+        "or a model that holds one."
     )
 
 
@@ -151,20 +154,33 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     config = CacherConfig() if config is None else config
     if not isinstance(config, CacherConfig):
         raise TypeError(f"config must be a stc.CacherConfig, got {type(config).__name__}")
-    tower, layers, prefix = find_vision_layers(model)
+    tower, layers, kind = find_vision_layers(model)
     existing = tower.__dict__.get(HANDLE_ATTRIBUTE)
     if existing is not None:
         existing.detach()
-    state = CacherState(config, num_layers=len(layers))
+    qwen = kind == qwen2_vl.BLOCK_CLASS
+    # A Qwen2-VL stream follows the video's resolution: a new (h, w) grid starts a new stream.
+    state = CacherState(config, num_layers=len(layers), reset_on_resize=qwen)
     graphs = SelectiveGraphs() if config.cuda_graph else None
     handle = CacherHandle(tower, config, state)
+    if qwen:
+        name = _forward_attribute(tower)
+        handle._replace(tower, name, qwen2_vl.make_tower_forward(getattr(tower, name), state))
     for i, layer in enumerate(layers):
-        attribute = "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
-        original = getattr(layer, attribute)
-        returns_tuple = "output_attentions" in inspect.signature(original).parameters  # transformers 4.x layers
-        handle._replace(layer, attribute, _make_forward(HFViTLayerOps(layer, prefix), i, state, graphs, returns_tuple))
+        name = _forward_attribute(layer)
+        if qwen:
+            forward = qwen2_vl.make_block_forward(layer, i, state, graphs)
+        else:
+            returns_tuple = "output_attentions" in inspect.signature(getattr(layer, name)).parameters  # 4.x layers
+            forward = _make_forward(HFViTLayerOps(layer, PREFIX_TOKENS[kind]), i, state, graphs, returns_tuple)
+        handle._replace(layer, name, forward)
     handle._install()
     return handle
+
+
+def _forward_attribute(module: nn.Module) -> str:
+    """``_old_forward`` when accelerate hooked the module (its hook calls it), else ``forward``."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
 def detach_cacher(model: nn.Module) -> nn.Module:

@@ -62,6 +62,13 @@ class Pipeline(Protocol):
     scale: str
     stages: tuple[str, ...]
     image_size: int
+    default_chunk_frames: int
+    """Frames per streaming step in the framework's own protocol (``--chunk-frames`` overrides)."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    """Per-channel normalisation of the tower's input."""
+    notes: list[str]
+    """What the benchmark does not model, or what STC does not touch, for the report's caveats."""
     description: dict[str, Any]
     """Architecture facts for the report (widths, layers, tokens per stage)."""
 

@@ -27,9 +27,7 @@ def caveats(result: RunResult) -> list[str]:
     if result.run["scale"] not in ("full", "checkpoint"):
         out.append(f"Scale '{result.run['scale']}' keeps the token counts but not the widths/depths of the real model; "
                    "absolute times are not the paper's.")
-    if result.config.framework == "rekv":
-        out.append("ReKV's KV retrieval and CPU offload are not modelled: pre-fill appends to a plain growing "
-                   "KV cache, exact while the stream fits ReKV's 15000-token local window.")
+    out += result.run.get("notes", [])
     noisy = [w for m in result.measurements for w in m.warnings]
     if noisy:
         out.append("Noisy or small measurements (treat differences within their interval as no difference): "

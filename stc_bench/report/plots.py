@@ -66,7 +66,7 @@ def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
             idx = [i for i, k in enumerate(p.chunk_kinds) if k == kind]
             ax.scatter(idx, med[idx], color=KIND_COLOURS.get(kind, "grey"), s=22, zorder=3, label=f"+STC {p.point.label}: {kind}")
     ax.set_xticks(x)
-    ax.set_xlabel(f"chunk ({result.config.chunk_frames} frame(s) each)")
+    ax.set_xlabel(f"streaming step ({result.run.get('chunk_frames')} frame(s) each)")
     ax.set_ylabel("ViT ms (median over repeats)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

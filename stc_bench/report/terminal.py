@@ -16,7 +16,7 @@ def header_lines(result: RunResult) -> list[str]:
     return [
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",
         f"device {env.get('device')} ({env.get('device_name')}) | {run['dtype']} | {weights} | video: {run['video']}",
-        f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | chunk {c.chunk_frames} frame(s) | "
+        f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {run.get('chunk_frames')} frame(s) per step | "
         f"cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}",
     ]
 

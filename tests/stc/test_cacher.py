@@ -185,7 +185,7 @@ def test_transformers_4_layers_that_take_output_attentions_get_a_tuple_back():
 
 
 def test_unsupported_models_raise_and_name_what_was_expected():
-    with pytest.raises(stc.UnsupportedModelError, match="expected a vision tower with layers of class CLIPEncoderLayer or SiglipEncoderLayer"):
+    with pytest.raises(stc.UnsupportedModelError, match="expected a vision tower with layers of class CLIPEncoderLayer, Qwen2VLVisionBlock, SiglipEncoderLayer"):
         stc.attach_cacher(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -88,12 +88,11 @@ def test_bad_video_checkpoint_and_output_exit_2(cli, tmp_path):
 
 
 def test_local_checkpoint_is_loaded_offline(cli, tmp_path):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    from stc_bench.frameworks.rekv import SHAPES, _configs
+    from stc_bench.frameworks.rekv import SHAPES, llava_onevision_config
 
-    config, _, _ = _configs(SHAPES["tiny"])
-    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**config.to_dict()))
+    model = LlavaOnevisionForConditionalGeneration(llava_onevision_config(SHAPES["tiny"]))
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     result = cli("rekv", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--frames", "2",
                  "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "out"))

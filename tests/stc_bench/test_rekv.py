@@ -19,25 +19,25 @@ def test_token_counts_729_196_64_at_every_scale(scale):
     """Full is built on the meta device: shapes propagate, nothing is computed or allocated."""
     device = torch.device("meta") if scale == "full" else torch.device("cpu")
     pipeline = build(scale, device, torch.float32, seed=0)
-    size = SHAPES[scale].image_size
+    size = SHAPES[scale].tower.image_size
     clip = torch.zeros(2, 3, size, size, device=device)
     with torch.inference_mode():
         features = pipeline.encode(clip)
-        assert features.shape == (2, 729, SHAPES[scale].vit_width)
-        assert pipeline.compress(features, None).shape == (2, 196, SHAPES[scale].llm_width)
-        assert pipeline.compress(features, stc.STCPruner(stc.PrunerConfig(tokens_per_frame=64))).shape == (2, 64, SHAPES[scale].llm_width)
+        assert features.shape == (2, 729, SHAPES[scale].tower.width)
+        assert pipeline.compress(features, None).shape == (2, 196, SHAPES[scale].llm.width)
+        assert pipeline.compress(features, stc.STCPruner(stc.PrunerConfig(tokens_per_frame=64))).shape == (2, 64, SHAPES[scale].llm.width)
         with stc.cacher_attached(pipeline.vision_tower, stc.CacherConfig(update_ratio=0.25)) as handle:
             pipeline.encode(clip)
-        assert handle.stats.recomputed_tokens == (729 + 182,) * SHAPES[scale].vit_layers
+        assert handle.stats.recomputed_tokens == (729 + 182,) * SHAPES[scale].tower.layers
 
 
 def test_full_scale_is_the_exact_llava_onevision_7b():
-    s = SHAPES["full"]
-    assert (s.vit_width, s.vit_mlp, s.vit_layers, s.vit_heads, s.image_size, s.patch_size) == (1152, 4304, 26, 16, 384, 14)
-    assert (s.llm_width, s.llm_mlp, s.llm_layers, s.llm_heads, s.llm_kv_heads, s.vocab) == (3584, 18944, 28, 28, 4, 152064)
+    t, m = SHAPES["full"].tower, SHAPES["full"].llm
+    assert (t.width, t.mlp, t.layers, t.heads, t.image_size, t.patch_size) == (1152, 4304, 26, 16, 384, 14)
+    assert (m.width, m.mlp_width, m.layers, m.heads, m.kv_heads, m.vocab) == (3584, 18944, 28, 28, 4, 152064)
     pipeline = build("full", torch.device("meta"), torch.float16, seed=0)
     assert sum(p.numel() for p in pipeline.vision_tower.parameters()) == pytest.approx(0.40e9, rel=0.03)
-    llm = sum(p.numel() for p in pipeline.language_model.parameters()) + pipeline.lm_head.weight.numel()
+    llm = sum(p.numel() for p in pipeline.llm.decoder.parameters()) + pipeline.llm.lm_head.weight.numel()
     assert llm == pytest.approx(7.6e9, rel=0.02)
 
 

@@ -1,0 +1,164 @@
+"""Parts shared by the frameworks: vision-tower and LLM shapes per scale, random-weight
+builders from transformers classes, and the decoder wrapper used for pre-fill."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import stc
+from stc.flops import LLMShape, ViTShape
+from stc_bench.frameworks.framework import ArmSettings
+from stc_bench.frameworks.weights import build_random
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    """A ViT: width, MLP width, layers, heads, input size and patch size."""
+
+    width: int
+    mlp: int
+    layers: int
+    heads: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    def describe(self, name: str) -> str:
+        """One line for reports."""
+        return (f"{name} {self.layers} layers, width {self.width}, MLP {self.mlp}, {self.heads} heads, "
+                f"{self.image_size} px / patch {self.patch_size}")
+
+
+# SigLIP-so400m as LLaVA-OneVision and StreamForest run it (26 of 27 layers); small keeps the
+# 729 tokens per frame with a narrow, shallow stack; tiny keeps 729 tokens at toy width.
+SIGLIP = {
+    "full": TowerShape(1152, 4304, 26, 16, 384, 14),
+    "small": TowerShape(256, 1024, 6, 4, 384, 14),
+    "tiny": TowerShape(32, 64, 2, 4, 54, 2),
+}
+
+# Qwen2-7B (ReKV, StreamForest, and LiveCC's Qwen2-VL-7B text model, same FLOPs).
+QWEN2 = {
+    "full": LLMShape(width=3584, mlp_width=18944, layers=28, heads=28, kv_heads=4, vocab=152064),
+    "small": LLMShape(width=512, mlp_width=1408, layers=4, heads=8, kv_heads=2, vocab=16384),
+    "tiny": LLMShape(width=64, mlp_width=128, layers=2, heads=4, kv_heads=2, vocab=512),
+}
+
+
+def describe_llm(shape: LLMShape, name: str = "Qwen2") -> str:
+    """One line for reports."""
+    return (f"{name} {shape.layers} layers, width {shape.width}, MLP {shape.mlp_width}, {shape.heads} heads "
+            f"({shape.kv_heads} KV), vocab {shape.vocab}")
+
+
+def siglip_config(shape: TowerShape):
+    """``SiglipVisionConfig`` of a SigLIP-so400m-like tower (no pooling head)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=shape.width, intermediate_size=shape.mlp, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, image_size=shape.image_size, patch_size=shape.patch_size,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False,
+    )
+
+
+def qwen2_config(shape: LLMShape):
+    """``Qwen2Config`` of a Qwen2-7B-like decoder (rope theta 1e6, untied head)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=shape.width, intermediate_size=shape.mlp_width, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+        rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
+    )
+
+
+def build_siglip(shape: TowerShape, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A random-weight ``SiglipVisionModel``."""
+    from transformers import SiglipVisionModel
+
+    return build_random(lambda: SiglipVisionModel(siglip_config(shape)), device, dtype, seed)
+
+
+def vit_shape(shape: TowerShape, prefix_tokens: int = 0) -> ViTShape:
+    """The FLOP-model shape of a tower (prefix tokens, e.g. CLS, on top of the patches)."""
+    return ViTShape(tokens=shape.grid**2 + prefix_tokens, width=shape.width, mlp_width=shape.mlp,
+                    layers=shape.layers, prefix_tokens=prefix_tokens)
+
+
+class CausalLM:
+    """A decoder (``Qwen2Model``-like: ``inputs_embeds`` in, hidden states out) and its LM head."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, shape: LLMShape):
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.shape = shape
+
+    @classmethod
+    def random(cls, shape: LLMShape, device: torch.device, dtype: torch.dtype, seed: int) -> CausalLM:
+        """A random-weight Qwen2 of ``shape``."""
+        from transformers import Qwen2ForCausalLM
+
+        model = build_random(lambda: Qwen2ForCausalLM(qwen2_config(shape)), device, dtype, seed)
+        return cls(model.model, model.lm_head, shape)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder's weights live."""
+        return next(self.decoder.parameters()).device
+
+    def new_cache(self):
+        """An empty KV cache."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def forward_embeds(self, embeds: torch.Tensor, cache=None) -> torch.Tensor:
+        """Pre-fill embeddings (1, L, C), appending to ``cache`` when given; hidden states (1, L, C)."""
+        return self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (1, L) -> embeddings (1, L, C)."""
+        return self.decoder.get_input_embeddings()(ids)
+
+    def text_logits(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Pre-fill text ids (1, L); logits at every position (L, V)."""
+        return self.lm_head(self.forward_embeds(self.embed(ids), cache)[0])
+
+    def random_ids(self, length: int, seed: int) -> torch.Tensor:
+        """Fixed pseudo-text token ids (1, length): prompts and queries of random-weight runs."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.shape.vocab, (1, length), generator=g).to(self.device)
+
+
+def cacher_for(tower: nn.Module, arm: ArmSettings):
+    """``stc.cacher_attached`` for an arm with a cacher, else a context yielding None."""
+    return stc.cacher_attached(tower, arm.cacher) if arm.cacher is not None else contextlib.nullcontext()
+
+
+def chunk_kinds(stats, chunks: int) -> list[str]:
+    """Per ViT call, what the cacher did: "full" without a cacher, else refresh/selective/mixed."""
+    if stats is None:
+        return ["full"] * chunks
+    return ["refresh" if not c.selective_frames else "selective" if not c.refresh_frames else "mixed" for c in stats.calls]
+
+
+def chunk_starts(frames: int, chunk_frames: int, first: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) of each streaming step: an optional first step of ``first`` frames, then
+    steps of ``chunk_frames`` frames."""
+    bounds, start = [], 0
+    if first is not None and frames > 0:
+        bounds.append((0, min(first, frames)))
+        start = bounds[-1][1]
+    while start < frames:
+        bounds.append((start, min(start + chunk_frames, frames)))
+        start = bounds[-1][1]
+    return bounds
