@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from stc_bench.config import DTYPES, METRICS, SCALES, SELECTIONS, BenchConfig
+from stc_bench.frameworks import FRAMEWORK_HELP
 
 app = typer.Typer(
     name="stc-bench",
@@ -200,8 +201,8 @@ def _remove_run_folder(folder: Path) -> None:
         pass
 
 
-app.command("rekv", help="ReKV on LLaVA-OneVision-7B: SigLIP ViT encoding, projector/pooling/pruner, and "
-                         "visual-token pre-fill into a KV cache, baseline vs +STC (cacher + pruner).")(_framework_command("rekv"))
+for _name, _help in FRAMEWORK_HELP.items():
+    app.command(_name, help=_help)(_framework_command(_name))
 
 
 @app.command("sweep")

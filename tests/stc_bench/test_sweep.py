@@ -87,4 +87,4 @@ def test_sweep_list_errors(cli, tmp_path, args, message):
 
 def test_unknown_framework_lists_the_choices(cli, tmp_path):
     result = cli("sweep", "nonesuch", "--out", str(tmp_path))
-    assert result.exit_code == 2 and "unknown framework 'nonesuch': choose one of rekv" in result.output
+    assert result.exit_code == 2 and "unknown framework 'nonesuch': choose one of dispider, livecc, rekv, streamforest" in result.output

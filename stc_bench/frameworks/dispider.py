@@ -1,0 +1,108 @@
+"""Dispider (frameworks.md A.3): its CLIP ViT-L/14 at 224 px, run on clips of 16 frames.
+
+STC applies the cacher only, to the CLIP tower (257 tokens per frame; the CLS token is always
+recomputed). Only the ViT stage is built and timed: Dispider's compact and reaction LLMs depend
+on configuration values that are not public (frameworks.md section D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stc.flops import vit_tower_macs
+from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc_bench.frameworks.parts import TowerShape, cacher_for, chunk_kinds, chunk_starts, vit_shape
+from stc_bench.frameworks.weights import build_random
+from stc_bench.timing import StageTimer
+from stc_bench.video import CLIP_MEAN, CLIP_STD
+
+
+@dataclass(frozen=True)
+class DispiderShape:
+    """One Dispider scale: the CLIP vision tower."""
+
+    tower: TowerShape
+
+
+SHAPES = {
+    "full": DispiderShape(TowerShape(1024, 4096, 24, 16, 224, 14)),    # openai/clip-vit-large-patch14
+    "small": DispiderShape(TowerShape(256, 1024, 6, 4, 224, 14)),      # same 257 tokens per frame
+    "tiny": DispiderShape(TowerShape(32, 64, 2, 4, 32, 2)),            # 256 + CLS tokens
+}
+PRESETS = {
+    "full": Preset("full", "Dispider's CLIP ViT-L/14 @ 224 px (24 layers, 257 tokens with CLS)", SHAPES["full"].__dict__),
+    "small": Preset("small", "same 257 tokens per frame, narrow tower: for CPUs", SHAPES["small"].__dict__),
+    "tiny": Preset("tiny", "toy width, 256 + CLS tokens: for tests", SHAPES["tiny"].__dict__),
+}
+
+
+class DispiderPipeline:
+    """The CLIP tower, fed clips of ``chunk_frames`` frames (16 in Dispider)."""
+
+    stages = ("vit",)
+    default_chunk_frames = 16
+    mean, std = CLIP_MEAN, CLIP_STD
+    notes = ["Dispider uses STC-Cacher only, and only its ViT is built: the compact (Qwen2-1.5B) and reaction "
+             "(Qwen2-7B) LLMs depend on checkpoint settings that are not public."]
+
+    def __init__(self, scale: str, shape: DispiderShape, vision_tower: nn.Module):
+        self.scale = scale
+        self.shape = shape
+        self.vision_tower = vision_tower
+        self.image_size = shape.tower.image_size
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """Architecture facts for the report."""
+        return {"vit": self.shape.tower.describe("CLIP"),
+                "tokens": f"{self.shape.tower.grid ** 2} patch tokens + CLS per frame (CLS always recomputed)"}
+
+    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+               capture: bool = False) -> StreamOutput:
+        """Every clip of ``chunk_frames`` frames through the tower, timed per clip."""
+        features = []
+        with cacher_for(self.vision_tower, arm) as handle:
+            for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
+                with timer.span("vit", step):
+                    out = self.vision_tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1]
+                if capture:
+                    features.append(out[:, 1:])                                           # drop CLS: (t, 256, d)
+        stats = handle.stats if handle is not None else None
+        return StreamOutput(
+            tokens={"vit": clip.shape[0] * (self.shape.tower.grid ** 2 + 1)},
+            chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
+            cacher_stats=stats,
+            features=torch.cat(features) if capture else None,
+        )
+
+    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
+        """ViT multiply-adds (CLS included)."""
+        return {"vit": vit_tower_macs(vit_shape(self.shape.tower, prefix_tokens=1), frames, arm.cacher)}
+
+
+def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> DispiderPipeline:
+    """Build Dispider's CLIP tower at ``scale`` with random weights."""
+    if checkpoint is not None:
+        from stc_bench.frameworks.weights import CheckpointError
+
+        raise CheckpointError("--checkpoint is supported for rekv only so far; run dispider with random weights")
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    t = SHAPES[scale].tower
+    config = CLIPVisionConfig(hidden_size=t.width, intermediate_size=t.mlp, num_hidden_layers=t.layers,
+                              num_attention_heads=t.heads, image_size=t.image_size, patch_size=t.patch_size,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return DispiderPipeline(scale, SHAPES[scale], build_random(lambda: CLIPVisionModel(config), device, dtype, seed))
+
+
+FRAMEWORK = FrameworkSpec(
+    name="dispider",
+    summary="Dispider: CLIP ViT-L/14 @ 224 px on clips of 16 frames",
+    presets=PRESETS,
+    build=build,
+    stc_components="cacher",
+)

@@ -1,0 +1,202 @@
+"""LiveCC-7B (Qwen2-VL-7B) streamed as LiveCC's demo does (frameworks.md A.4).
+
+2 fps; the first step carries 6 frames (3 temporal groups), every later step 2 frames (one
+group). Per step: the Qwen2-VL vision tower (32 blocks + 2x2 PatchMerger to 3584) on the new
+frames, then one LLM pre-fill of the new visual tokens plus a short time-stamp text turn,
+appended to the KV cache. STC applies the cacher only (our Qwen2-VL adapter, the first public
+one), with a temporal group as the unit of reuse; the pre-fill is unchanged by STC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stc.flops import LLMShape, ViTShape, streamed_prefill_macs, vit_tower_macs
+from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc_bench.frameworks.parts import QWEN2, CausalLM, cacher_for, chunk_kinds, chunk_starts, describe_llm
+from stc_bench.frameworks.weights import build_random
+from stc_bench.timing import StageTimer
+from stc_bench.video import CLIP_MEAN, CLIP_STD
+
+FIRST_STEP_FRAMES = 6
+"""LiveCC's first streaming step: 3 s of video at 2 fps."""
+TURN_TOKENS = 12
+"""Text tokens of each step's user turn ("Time=a-b s" and chat markup), pre-filled with the frames."""
+QUERY_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class QwenVisionShape:
+    """The Qwen2-VL vision tower: blocks, width, heads, MLP ratio, patch, input size, output width."""
+
+    depth: int
+    width: int
+    heads: int
+    mlp_ratio: int
+    patch_size: int
+    image_size: int
+    out_width: int
+    temporal_patch: int = 2
+    merge: int = 2
+
+    @property
+    def tokens(self) -> int:
+        """ViT tokens per temporal group."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def merged_tokens(self) -> int:
+        """LLM tokens per temporal group after the 2x2 merger."""
+        return self.tokens // self.merge**2
+
+
+@dataclass(frozen=True)
+class LiveCCShape:
+    """One LiveCC scale: the vision tower and the Qwen2-7B-class text model."""
+
+    vision: QwenVisionShape
+    llm: LLMShape
+
+
+# 448 px frames: 32x32 = 1024 ViT tokens -> 256 LLM tokens per 2-frame group (within the
+# demo's 384*28*28 pixel cap).
+SHAPES = {
+    "full": LiveCCShape(QwenVisionShape(32, 1280, 16, 4, 14, 448, 3584), QWEN2["full"]),
+    "small": LiveCCShape(QwenVisionShape(6, 256, 4, 4, 14, 448, QWEN2["small"].width), QWEN2["small"]),
+    "tiny": LiveCCShape(QwenVisionShape(2, 32, 4, 2, 2, 32, QWEN2["tiny"].width), QWEN2["tiny"]),
+}
+PRESETS = {
+    "full": Preset("full", "LiveCC-7B: Qwen2-VL-7B vision tower (32 blocks) + Qwen2-7B-class text model", SHAPES["full"].__dict__),
+    "small": Preset("small", "same token counts (1024 -> 256 per 2-frame group), narrow towers: for CPUs", SHAPES["small"].__dict__),
+    "tiny": Preset("tiny", "toy widths (256 -> 64 tokens per group): for tests", SHAPES["tiny"].__dict__),
+}
+
+
+def patchify(frames: torch.Tensor, patch: int, temporal_patch: int = 2, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (T, 3, H, W) -> Qwen2-VL's flat patches (T/2 * H/p * W/p, 3*2*p*p) and grid_thw (1, 3).
+
+    Mirrors ``Qwen2VLImageProcessor``: tokens in merge-window-major order (each 2x2 window is
+    four consecutive tokens), groups of ``temporal_patch`` frames, an odd last frame repeated.
+    """
+    if frames.shape[0] % temporal_patch:
+        frames = torch.cat([frames, frames[-1:].expand(temporal_patch - frames.shape[0] % temporal_patch, -1, -1, -1)])
+    t, c, h, w = frames.shape
+    gt, gh, gw = t // temporal_patch, h // patch, w // patch
+    x = frames.reshape(gt, temporal_patch, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                       # (gt, gh/m, gw/m, m, m, c, tp, p, p)
+    grid = torch.tensor([[gt, gh, gw]], device=frames.device)
+    return x.reshape(gt * gh * gw, c * temporal_patch * patch * patch), grid
+
+
+def build_vision_tower(shape: QwenVisionShape, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A random-weight ``Qwen2VisionTransformerPretrainedModel``."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    config = Qwen2VLVisionConfig(depth=shape.depth, embed_dim=shape.width, hidden_size=shape.out_width,
+                                 num_heads=shape.heads, mlp_ratio=shape.mlp_ratio, patch_size=shape.patch_size,
+                                 temporal_patch_size=shape.temporal_patch, spatial_merge_size=shape.merge,
+                                 in_channels=3, hidden_act="quick_gelu")
+    return build_random(lambda: Qwen2VisionTransformerPretrainedModel(config), device, dtype, seed)
+
+
+class LiveCCPipeline:
+    """Built LiveCC parts; ``stream`` feeds a video step by step into one KV cache."""
+
+    stages = ("vit", "prefill")
+    default_chunk_frames = 2
+    mean, std = CLIP_MEAN, CLIP_STD  # Qwen2-VL's processor uses OpenAI CLIP's statistics
+    notes = [
+        "LiveCC uses STC-Cacher only: the pre-fill carries the same tokens in both arms, so its reduction "
+        "should be ~0; it is timed to show where the time goes.",
+        "The text model is a Qwen2 decoder with 1-D positions (same FLOPs as Qwen2-VL's M-RoPE model); "
+        "turn text is pseudo-tokens of the right length.",
+        "The first step takes 6 frames (3 temporal groups), later steps 2 frames; the cacher's unit is the "
+        "2-frame group.",
+    ]
+
+    def __init__(self, scale: str, shape: LiveCCShape, vision_tower: nn.Module, llm: CausalLM, seed: int):
+        self.scale = scale
+        self.shape = shape
+        self.vision_tower = vision_tower
+        self.llm = llm
+        self.image_size = shape.vision.image_size
+        self._turn_ids = llm.random_ids(TURN_TOKENS, seed)
+        self._query_ids = llm.random_ids(QUERY_TOKENS, seed + 1)
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """Architecture facts for the report."""
+        v = self.shape.vision
+        return {
+            "vit": f"Qwen2-VL vision {v.depth} blocks, width {v.width}, MLP {v.width * v.mlp_ratio}, {v.heads} heads, "
+                   f"{v.image_size} px / patch {v.patch_size}, 2 frames per temporal group",
+            "llm": describe_llm(self.shape.llm),
+            "tokens": f"{v.tokens} ViT tokens -> {v.merged_tokens} LLM tokens per 2-frame group, "
+                      f"+{TURN_TOKENS} text tokens per step",
+        }
+
+    def steps(self, frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+        """(start, end) frames of each streaming step."""
+        return chunk_starts(frames, chunk_frames, first=FIRST_STEP_FRAMES)
+
+    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+               capture: bool = False) -> StreamOutput:
+        """One video: per step the tower on the new frames, then their pre-fill with the turn text."""
+        v = self.shape.vision
+        cache = self.llm.new_cache()
+        features, vit_tokens, prefill_tokens = [], 0, 0
+        with cacher_for(self.vision_tower, arm) as handle:
+            for step, (start, end) in enumerate(self.steps(clip.shape[0], chunk_frames)):
+                pixels, grid = patchify(clip[start:end], v.patch_size, v.temporal_patch, v.merge)
+                with timer.span("vit", step):
+                    out = self.vision_tower(pixels, grid)
+                    visual = out.pooler_output                                              # (groups*m, C)
+                with timer.span("prefill", step):
+                    embeds = torch.cat([self.llm.embed(self._turn_ids)[0], visual]).unsqueeze(0)  # (1, L, C)
+                    self.llm.forward_embeds(embeds, cache)
+                vit_tokens += out.last_hidden_state.shape[0]
+                prefill_tokens += embeds.shape[1]
+                if capture:
+                    features.append(out.last_hidden_state.view(-1, v.tokens, v.width))
+        stats = handle.stats if handle is not None else None
+        return StreamOutput(
+            tokens={"vit": vit_tokens, "prefill": prefill_tokens},
+            chunk_kinds=chunk_kinds(stats, len(self.steps(clip.shape[0], chunk_frames))),
+            cacher_stats=stats,
+            features=torch.cat(features) if capture else None,
+            logits=self.llm.text_logits(self._query_ids, cache) if capture else None,
+        )
+
+    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
+        """Tower blocks per temporal group (the merger is identical in both arms and left out) and pre-fill."""
+        v = self.shape.vision
+        groups = sum(-(-(end - start) // v.temporal_patch) for start, end in self.steps(frames, chunk_frames))
+        shape = ViTShape(tokens=v.tokens, width=v.width, mlp_width=v.width * v.mlp_ratio, layers=v.depth)
+        chunks = [TURN_TOKENS + -(-(end - start) // v.temporal_patch) * v.merged_tokens
+                  for start, end in self.steps(frames, chunk_frames)]
+        return {"vit": vit_tower_macs(shape, groups, arm.cacher), "prefill": streamed_prefill_macs(self.shape.llm, chunks)}
+
+
+def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> LiveCCPipeline:
+    """Build LiveCC at ``scale`` with random weights (checkpoints: not yet supported)."""
+    if checkpoint is not None:
+        from stc_bench.frameworks.weights import CheckpointError
+
+        raise CheckpointError("--checkpoint is supported for rekv only so far; run livecc with random weights")
+    shape = SHAPES[scale]
+    tower = build_vision_tower(shape.vision, device, dtype, seed)
+    return LiveCCPipeline(scale, shape, tower, CausalLM.random(shape.llm, device, dtype, seed + 2), seed)
+
+
+FRAMEWORK = FrameworkSpec(
+    name="livecc",
+    summary="LiveCC-7B: Qwen2-VL ViT per 2-frame step + Qwen2-7B-class pre-fill into a KV cache",
+    presets=PRESETS,
+    build=build,
+    stc_components="cacher",
+)

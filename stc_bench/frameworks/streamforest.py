@@ -1,0 +1,191 @@
+"""StreamForest-Qwen2-7B (frameworks.md A.2), as STC's StreamForest benchmark streams it.
+
+Frames go to SigLIP (26 layers, 729 tokens) one at a time, the cacher's natural setting. At
+query time StreamForest builds its memory from all frames so far and pre-fills it once with
+the prompt: the newest frame at 729 tokens, each older frame of the short-term window merged
+to 128 tokens by ToMe, and older events merged to 64 tokens per frame in long-term memory.
+STC applies only the cacher here; the memory and the pre-fill are timed to show where the
+time goes, and carry the same token counts in both arms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stc.flops import LLMShape, prefill_macs, vit_tower_macs
+from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc_bench.frameworks.parts import (QWEN2, SIGLIP, CausalLM, TowerShape, build_siglip, cacher_for, chunk_kinds,
+                                        chunk_starts, describe_llm, vit_shape)
+from stc_bench.frameworks.weights import build_random
+from stc_bench.timing import StageTimer
+
+SHORT_TERM_TOKENS = 128
+LONG_TERM_TOKENS_PER_FRAME = 64
+SHORT_TERM_WINDOW = 18
+EVENT_SPLIT_WINDOW = 8
+LONG_TERM_QUOTA = 5120
+PROMPT_TOKENS = 32
+"""Time message and question pre-filled after the memory (pseudo-tokens of about the right length)."""
+QUERY_TOKENS = 8
+"""The last prompt tokens, whose logits the fidelity figures compare."""
+
+
+def tome_merge(x: torch.Tensor, target: int) -> torch.Tensor:
+    """Merge tokens x (n, C) down to ``target`` by ToMe's bipartite soft matching.
+
+    Each pass splits tokens alternately into sets A and B, pairs every A token with its most
+    similar B token (cosine), and merges the most similar pairs, at most half the tokens per
+    pass, as size-weighted averages. Returns (target, C) (x itself when n <= target).
+    """
+    size = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
+    while x.shape[0] > target:
+        r = min(x.shape[0] - target, x.shape[0] // 2)
+        a, b, sa, sb = x[::2], x[1::2], size[::2], size[1::2]
+        scores = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T     # (na, nb)
+        best, partner = scores.max(dim=-1)
+        order = best.argsort(descending=True)
+        merged, kept = order[:r], order[r:]
+        b = (b * sb).index_add(0, partner[merged], a[merged] * sa[merged])
+        sb = sb.index_add(0, partner[merged], sa[merged])
+        x, size = torch.cat([a[kept], b / sb]), torch.cat([sa[kept], sb])
+    return x
+
+
+def memory_tokens(frames: list[torch.Tensor]) -> torch.Tensor:
+    """StreamForest's memory for the frames so far, each (729, C): long-term, short-term, now.
+
+    Short-term holds the older frames (128 tokens each) until it reaches 26 frames; then the
+    first event (cut at the lowest adjacent-frame similarity within its first 8 frames) is
+    merged to 64 tokens per frame into long-term memory. Long-term stays under 5120 tokens by
+    merging the most similar adjacent events (StreamForest's penalty also weighs time and merge
+    counts; similarity dominates it and is what is modelled here).
+    """
+    short: list[torch.Tensor] = []
+    events: list[tuple[int, torch.Tensor]] = []                                       # (frames, tokens)
+    for frame in frames[:-1]:
+        short.append(tome_merge(frame, SHORT_TERM_TOKENS))
+        if len(short) >= SHORT_TERM_WINDOW + EVENT_SPLIT_WINDOW:
+            means = torch.stack([s.float().mean(0) for s in short[: EVENT_SPLIT_WINDOW + 1]])
+            similarity = F.cosine_similarity(means[:-1], means[1:], dim=-1)            # (8,)
+            cut = int(similarity.argmin()) + 1
+            popped, short = short[:cut], short[cut:]
+            events.append((cut, tome_merge(torch.cat(popped), LONG_TERM_TOKENS_PER_FRAME * cut)))
+            while sum(e.shape[0] for _, e in events) > LONG_TERM_QUOTA and len(events) > 1:
+                means = torch.stack([e.float().mean(0) for _, e in events])
+                i = int(F.cosine_similarity(means[:-1], means[1:], dim=-1).argmax())
+                count = math.ceil((events[i][0] + events[i + 1][0]) / 2)
+                joined = tome_merge(torch.cat([events[i][1], events[i + 1][1]]), LONG_TERM_TOKENS_PER_FRAME * count)
+                events[i : i + 2] = [(count, joined)]
+    return torch.cat([e for _, e in events] + short + [frames[-1]])
+
+
+@dataclass(frozen=True)
+class StreamForestShape:
+    """One StreamForest scale: SigLIP tower, projector (tower -> LLM width), Qwen2 LLM."""
+
+    tower: TowerShape
+    llm: LLMShape
+
+
+SHAPES = {scale: StreamForestShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny")}
+PRESETS = {
+    "full": Preset("full", "StreamForest-Qwen2-7B: SigLIP-so400m (26 layers) + ToMe memory + Qwen2-7B", SHAPES["full"].__dict__),
+    "small": Preset("small", "same token counts (729 per frame, 128/64 in memory), narrow towers: for CPUs", SHAPES["small"].__dict__),
+    "tiny": Preset("tiny", "toy widths, same token structure: for tests", SHAPES["tiny"].__dict__),
+}
+
+
+class StreamForestPipeline:
+    """Built StreamForest parts; ``stream`` encodes frames one by one, then answers once."""
+
+    stages = ("vit", "compress", "prefill")
+    default_chunk_frames = 1
+    mean = std = (0.5, 0.5, 0.5)
+    notes = [
+        "StreamForest uses STC-Cacher only: memory building (compress) and pre-fill carry the same token "
+        "counts in both arms; they are timed to show where the time goes.",
+        "Memory follows StreamForest's MemoryManager token budgets (729 / 128 / 64 per frame, 5120 long-term); "
+        "its sin-cos position embeddings (an elementwise add) are left out and long-term merges are chosen "
+        "by similarity alone.",
+    ]
+
+    def __init__(self, scale: str, shape: StreamForestShape, vision_tower: nn.Module, projector: nn.Module,
+                 llm: CausalLM, seed: int):
+        self.scale = scale
+        self.shape = shape
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.image_size = shape.tower.image_size
+        self._prompt_ids = llm.random_ids(PROMPT_TOKENS, seed)
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """Architecture facts for the report."""
+        return {
+            "vit": self.shape.tower.describe("SigLIP"),
+            "llm": describe_llm(self.shape.llm),
+            "tokens": f"{self.shape.tower.grid ** 2} ViT tokens per frame; memory: newest frame 729, older frames "
+                      f"{SHORT_TERM_TOKENS}, long-term {LONG_TERM_TOKENS_PER_FRAME}; +{PROMPT_TOKENS} prompt tokens",
+        }
+
+    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+               capture: bool = False) -> StreamOutput:
+        """Encode every frame (timed per step), then build memory and pre-fill it with the prompt."""
+        features = []
+        with cacher_for(self.vision_tower, arm) as handle:
+            for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
+                with timer.span("vit", step):
+                    out = self.vision_tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1]
+                features.extend(out.unbind(0))                                            # (729, d) each
+        with timer.span("compress", 0):
+            memory = self.projector(memory_tokens(features))                              # (M, C)
+        with timer.span("prefill", 0):
+            embeds = torch.cat([memory, self.llm.embed(self._prompt_ids)[0]]).unsqueeze(0)  # (1, M + P, C)
+            hidden = self.llm.forward_embeds(embeds)
+        stats = handle.stats if handle is not None else None
+        return StreamOutput(
+            tokens={"vit": sum(f.shape[0] for f in features), "compress": memory.shape[0], "prefill": embeds.shape[1]},
+            chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
+            cacher_stats=stats,
+            features=torch.stack(features) if capture else None,
+            logits=self.llm.lm_head(hidden[0, -QUERY_TOKENS:]) if capture else None,
+        )
+
+    def memory_size(self, frames: int) -> int:
+        """Memory tokens for ``frames`` frames (short-term arithmetic; exact up to 26 frames)."""
+        return self.shape.tower.grid ** 2 + SHORT_TERM_TOKENS * (frames - 1)
+
+    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
+        """ViT multiply-adds; the pre-fill is the same in both arms (counted for frames <= 26)."""
+        prefill = prefill_macs(self.shape.llm, self.memory_size(frames) + PROMPT_TOKENS, logits_tokens=0)
+        return {"vit": vit_tower_macs(vit_shape(self.shape.tower), frames, arm.cacher), "compress": None,
+                "prefill": prefill if frames < SHORT_TERM_WINDOW + EVENT_SPLIT_WINDOW + 1 else None}
+
+
+def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> StreamForestPipeline:
+    """Build StreamForest at ``scale`` with random weights (checkpoints: not yet supported)."""
+    if checkpoint is not None:
+        from stc_bench.frameworks.weights import CheckpointError
+
+        raise CheckpointError("--checkpoint is supported for rekv only so far; run streamforest with random weights")
+    shape = SHAPES[scale]
+    tower = build_siglip(shape.tower, device, dtype, seed)
+    projector = build_random(lambda: nn.Sequential(nn.Linear(shape.tower.width, shape.llm.width), nn.GELU(),
+                                                   nn.Linear(shape.llm.width, shape.llm.width)), device, dtype, seed + 1)
+    return StreamForestPipeline(scale, shape, tower, projector, CausalLM.random(shape.llm, device, dtype, seed + 2), seed)
+
+
+FRAMEWORK = FrameworkSpec(
+    name="streamforest",
+    summary="StreamForest-Qwen2-7B: SigLIP ViT frame by frame, ToMe memory, one Qwen2-7B pre-fill per query",
+    presets=PRESETS,
+    build=build,
+    stc_components="cacher",
+)
