@@ -10,7 +10,6 @@ import platform
 from dataclasses import dataclass
 
 import torch
-
 from stc_bench.errors import BenchUsageError
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-
 from stc_bench.frameworks.framework import StreamOutput
 
 

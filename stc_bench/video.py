@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from stc_bench.errors import BenchUsageError
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from stc.flops import vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
-from stc_bench.frameworks.parts import TowerShape, cacher_for, chunk_kinds, chunk_starts, vit_shape
-from stc_bench.frameworks.weights import build_random
+from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, encode_steps, vit_shape
+from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.timing import StageTimer
 from stc_bench.video import CLIP_MEAN, CLIP_STD
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -64,19 +63,12 @@ class DispiderPipeline:
     def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """Every clip of ``chunk_frames`` frames through the tower, timed per clip."""
-        features = []
-        with cacher_for(self.vision_tower, arm) as handle:
-            for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
-                with timer.span("vit", step):
-                    out = self.vision_tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1]
-                if capture:
-                    features.append(out[:, 1:])                                           # drop CLS: (t, 256, d)
-        stats = handle.stats if handle is not None else None
+        steps, stats = encode_steps(self.vision_tower, clip, arm, timer, chunk_frames)
         return StreamOutput(
             tokens={"vit": clip.shape[0] * (self.shape.tower.grid ** 2 + 1)},
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
             cacher_stats=stats,
-            features=torch.cat(features) if capture else None,
+            features=torch.cat(steps)[:, 1:] if capture else None,                        # drop CLS: (T, 256, d)
         )
 
     def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
@@ -86,10 +78,7 @@ class DispiderPipeline:
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> DispiderPipeline:
     """Build Dispider's CLIP tower at ``scale`` with random weights."""
-    if checkpoint is not None:
-        from stc_bench.frameworks.weights import CheckpointError
-
-        raise CheckpointError("--checkpoint is supported for rekv only so far; run dispider with random weights")
+    refuse_checkpoint("dispider", checkpoint)
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     t = SHAPES[scale].tower

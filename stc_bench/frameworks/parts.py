@@ -7,12 +7,12 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-import stc
 from stc.flops import LLMShape, ViTShape
 from stc_bench.frameworks.framework import ArmSettings
 from stc_bench.frameworks.weights import build_random
+from torch import nn
+
+import stc
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ QWEN2 = {
     "small": LLMShape(width=512, mlp_width=1408, layers=4, heads=8, kv_heads=2, vocab=16384),
     "tiny": LLMShape(width=64, mlp_width=128, layers=2, heads=4, kv_heads=2, vocab=512),
 }
+
+
+@dataclass(frozen=True)
+class TowerLLMShape:
+    """A framework built from a vision tower and a decoder LLM (ReKV, StreamForest)."""
+
+    tower: TowerShape
+    llm: LLMShape
+
+
+SIGLIP_QWEN2 = {scale: TowerLLMShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny")}
+"""SigLIP-so400m (26 layers) + Qwen2-7B, and their small and tiny stand-ins."""
 
 
 def describe_llm(shape: LLMShape, name: str = "Qwen2") -> str:
@@ -137,6 +149,18 @@ class CausalLM:
         """Fixed pseudo-text token ids (1, length): prompts and queries of random-weight runs."""
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, self.shape.vocab, (1, length), generator=g).to(self.device)
+
+
+def encode_steps(tower: nn.Module, clip: torch.Tensor, arm: ArmSettings, timer, chunk_frames: int):
+    """Feed the clip to a CLIP/SigLIP tower ``chunk_frames`` frames per call, each call timed as
+    stage "vit"; returns the last-layer features (before post-norm) of every call and the
+    cacher's stats (None for the baseline)."""
+    features = []
+    with cacher_for(tower, arm) as handle:
+        for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
+            with timer.span("vit", step):
+                features.append(tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1])
+    return features, (handle.stats if handle is not None else None)
 
 
 def cacher_for(tower: nn.Module, arm: ArmSettings):

@@ -9,20 +9,31 @@ chunk's visual tokens appended to the KV cache, after an untimed system-prompt p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from stc.flops import LLMShape, streamed_prefill_macs, vit_tower_macs
+from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc_bench.frameworks.parts import (
+    SIGLIP_QWEN2,
+    CausalLM,
+    TowerLLMShape,
+    TowerShape,
+    build_siglip,
+    cacher_for,
+    chunk_kinds,
+    chunk_starts,
+    describe_llm,
+    qwen2_config,
+    siglip_config,
+    vit_shape,
+)
+from stc_bench.frameworks.weights import CheckpointError, build_random, read_checkpoint_config
+from stc_bench.timing import StageTimer
 from torch import nn
 
 import stc
-from stc.flops import LLMShape, streamed_prefill_macs, vit_tower_macs
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
-from stc_bench.frameworks.parts import (QWEN2, SIGLIP, CausalLM, TowerShape, build_siglip, cacher_for, chunk_kinds,
-                                        chunk_starts, describe_llm, qwen2_config, siglip_config, vit_shape)
-from stc_bench.frameworks.weights import CheckpointError, build_random, read_checkpoint_config
-from stc_bench.timing import StageTimer
 
 SYSTEM_PROMPT_TOKENS = 24
 """Length of the untimed init prompt (ReKV's system + user preamble is about this long)."""
@@ -30,15 +41,7 @@ QUERY_TOKENS = 8
 """Length of the fixed query pre-filled after the stream when fidelity is captured."""
 
 
-@dataclass(frozen=True)
-class RekvShape:
-    """Architecture of one ReKV scale: SigLIP tower, projector (tower width -> LLM width), Qwen2."""
-
-    tower: TowerShape
-    llm: LLMShape
-
-
-SHAPES = {scale: RekvShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny")}
+SHAPES = SIGLIP_QWEN2
 
 PRESETS = {
     "full": Preset("full", "LLaVA-OV-7B: SigLIP-so400m (26 layers) + Qwen2-7B", SHAPES["full"].__dict__),
@@ -48,7 +51,7 @@ PRESETS = {
 }
 
 
-def llava_onevision_config(shape: RekvShape):
+def llava_onevision_config(shape: TowerLLMShape):
     """The ``LlavaOnevisionConfig`` of a scale (used for the projector and for test checkpoints)."""
     from transformers import LlavaOnevisionConfig
 
@@ -77,7 +80,7 @@ class RekvPipeline:
     notes = ["ReKV's KV retrieval and CPU offload are not modelled: pre-fill appends to a plain growing KV cache, "
              "exact while the stream fits ReKV's 15000-token local window (76 frames at 196 tokens)."]
 
-    def __init__(self, scale: str, shape: RekvShape, vision_tower: nn.Module, projector: nn.Module, llm: CausalLM,
+    def __init__(self, scale: str, shape: TowerLLMShape, vision_tower: nn.Module, projector: nn.Module, llm: CausalLM,
                  seed: int):
         self.scale = scale
         self.shape = shape
@@ -183,7 +186,7 @@ def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: 
         path, dtype=dtype, local_files_only=True, use_safetensors=True
     ).to(device).eval()
     vc, tc = model.config.vision_config, model.config.text_config
-    shape = RekvShape(
+    shape = TowerLLMShape(
         TowerShape(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.num_attention_heads,
                    vc.image_size, vc.patch_size),
         LLMShape(width=tc.hidden_size, mlp_width=tc.intermediate_size, layers=tc.num_hidden_layers,

@@ -11,19 +11,26 @@ time goes, and carry the same token counts in both arms.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from stc.flops import LLMShape, prefill_macs, vit_tower_macs
+from stc.flops import prefill_macs, vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
-from stc_bench.frameworks.parts import (QWEN2, SIGLIP, CausalLM, TowerShape, build_siglip, cacher_for, chunk_kinds,
-                                        chunk_starts, describe_llm, vit_shape)
-from stc_bench.frameworks.weights import build_random
+from stc_bench.frameworks.parts import (
+    SIGLIP_QWEN2,
+    CausalLM,
+    TowerLLMShape,
+    build_siglip,
+    chunk_kinds,
+    chunk_starts,
+    describe_llm,
+    encode_steps,
+    vit_shape,
+)
+from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.timing import StageTimer
+from torch import nn
 
 SHORT_TERM_TOKENS = 128
 LONG_TERM_TOKENS_PER_FRAME = 64
@@ -85,15 +92,7 @@ def memory_tokens(frames: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([e for _, e in events] + short + [frames[-1]])
 
 
-@dataclass(frozen=True)
-class StreamForestShape:
-    """One StreamForest scale: SigLIP tower, projector (tower -> LLM width), Qwen2 LLM."""
-
-    tower: TowerShape
-    llm: LLMShape
-
-
-SHAPES = {scale: StreamForestShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny")}
+SHAPES = SIGLIP_QWEN2
 PRESETS = {
     "full": Preset("full", "StreamForest-Qwen2-7B: SigLIP-so400m (26 layers) + ToMe memory + Qwen2-7B", SHAPES["full"].__dict__),
     "small": Preset("small", "same token counts (729 per frame, 128/64 in memory), narrow towers: for CPUs", SHAPES["small"].__dict__),
@@ -115,7 +114,7 @@ class StreamForestPipeline:
         "by similarity alone.",
     ]
 
-    def __init__(self, scale: str, shape: StreamForestShape, vision_tower: nn.Module, projector: nn.Module,
+    def __init__(self, scale: str, shape: TowerLLMShape, vision_tower: nn.Module, projector: nn.Module,
                  llm: CausalLM, seed: int):
         self.scale = scale
         self.shape = shape
@@ -138,18 +137,13 @@ class StreamForestPipeline:
     def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """Encode every frame (timed per step), then build memory and pre-fill it with the prompt."""
-        features = []
-        with cacher_for(self.vision_tower, arm) as handle:
-            for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
-                with timer.span("vit", step):
-                    out = self.vision_tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1]
-                features.extend(out.unbind(0))                                            # (729, d) each
+        steps, stats = encode_steps(self.vision_tower, clip, arm, timer, chunk_frames)
+        features = [f for step in steps for f in step.unbind(0)]                          # (729, d) each
         with timer.span("compress", 0):
             memory = self.projector(memory_tokens(features))                              # (M, C)
         with timer.span("prefill", 0):
             embeds = torch.cat([memory, self.llm.embed(self._prompt_ids)[0]]).unsqueeze(0)  # (1, M + P, C)
             hidden = self.llm.forward_embeds(embeds)
-        stats = handle.stats if handle is not None else None
         return StreamOutput(
             tokens={"vit": sum(f.shape[0] for f in features), "compress": memory.shape[0], "prefill": embeds.shape[1]},
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
@@ -171,10 +165,7 @@ class StreamForestPipeline:
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> StreamForestPipeline:
     """Build StreamForest at ``scale`` with random weights (checkpoints: not yet supported)."""
-    if checkpoint is not None:
-        from stc_bench.frameworks.weights import CheckpointError
-
-        raise CheckpointError("--checkpoint is supported for rekv only so far; run streamforest with random weights")
+    refuse_checkpoint("streamforest", checkpoint)
     shape = SHAPES[scale]
     tower = build_siglip(shape.tower, device, dtype, seed)
     projector = build_random(lambda: nn.Sequential(nn.Linear(shape.tower.width, shape.llm.width), nn.GELU(),

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from torch import nn
-
 from stc_bench.errors import BenchUsageError
+from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -99,3 +98,9 @@ def read_checkpoint_config(path: str, model_types: tuple[str, ...]) -> dict:
     if not any(root.glob("*.safetensors")):
         raise CheckpointError(f"--checkpoint {path}: no *.safetensors files; only safetensors weights are loaded")
     return config
+
+
+def refuse_checkpoint(framework: str, checkpoint: str | None) -> None:
+    """Frameworks whose checkpoint loading is not written yet refuse --checkpoint, saying so."""
+    if checkpoint is not None:
+        raise CheckpointError(f"--checkpoint is supported for rekv only so far; run {framework} with random weights")

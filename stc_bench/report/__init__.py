@@ -11,8 +11,14 @@ def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Pa
     """Write results.json, samples.csv, summary.csv, reductions.csv, the PNGs and report.md
     into ``folder``; returns the paths written."""
     from stc_bench.report.markdown import render_markdown
-    from stc_bench.report.plots import (plot_fidelity_vs_ratio, plot_latency, plot_latency_vs_frames, plot_per_frame_vit,
-                                        plot_reduction_vs_knob, swept_knobs)
+    from stc_bench.report.plots import (
+        plot_fidelity_vs_ratio,
+        plot_latency,
+        plot_latency_vs_frames,
+        plot_per_frame_vit,
+        plot_reduction_vs_knob,
+        swept_knobs,
+    )
     from stc_bench.report.tables import reduction_table, samples_table, summary_table
 
     folder.mkdir(parents=True, exist_ok=True)

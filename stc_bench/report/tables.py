@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-
 from stc_bench.measurement import Arm
 from stc_bench.results import RunResult
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-
 from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, sweep_headers, sweep_rows
 from stc_bench.results import RunResult
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import build_tiny_tower, moving_clip, noisy_clip
 
 import stc
 from stc import CacherConfig
-from tests.conftest import build_tiny_tower, moving_clip, noisy_clip
 
 TOL = 1e-5
 
@@ -37,7 +37,7 @@ def test_full_ratio_or_interval_one_reproduce_the_unpatched_tower(tower, frames,
 def test_identical_frames_reproduce_the_unpatched_tower_at_low_ratio(tower, selection, metric):
     still = moving_clip(1).expand(6, -1, -1, -1)
     baseline = encode(tower, still)
-    with stc.cacher_attached(tower, CacherConfig(update_ratio=0.1, cache_interval=4, selection=selection, metric=metric)) as handle:
+    with stc.cacher_attached(tower, CacherConfig(update_ratio=0.1, cache_interval=4, selection=selection, metric=metric)):
         patched = encode(tower, still)
     assert (patched - baseline).abs().max() <= TOL
 
@@ -140,9 +140,8 @@ def test_attaching_twice_replaces_the_first_patch(tower, frames):
 
 
 def test_attach_finds_the_tower_inside_a_larger_model(frames):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-
     from tests.conftest import TINY_VIT
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**TINY_VIT).to_dict(),

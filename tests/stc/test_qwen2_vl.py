@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stc_bench.frameworks.livecc import patchify
 
 import stc
 from stc import CacherConfig
-from stc_bench.frameworks.livecc import patchify
 
 TOL = 1e-5
 TOKENS = 64  # 16x16 px, patch 2 -> 8x8 tokens per temporal group

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.stc_bench.conftest import TINY_RUN
 
 
@@ -88,9 +87,8 @@ def test_bad_video_checkpoint_and_output_exit_2(cli, tmp_path):
 
 
 def test_local_checkpoint_is_loaded_offline(cli, tmp_path):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     from stc_bench.frameworks.rekv import SHAPES, llava_onevision_config
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     model = LlavaOnevisionForConditionalGeneration(llava_onevision_config(SHAPES["tiny"]))
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)

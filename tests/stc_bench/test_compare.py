@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from stc_bench.compare import parse_reduction_gate, parse_slowdown_gate
 from stc_bench.results import RunResult
 

@@ -1,5 +1,4 @@
 import pytest
-
 from stc_bench.config import BenchConfig, STCPoint
 
 

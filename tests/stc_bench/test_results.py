@@ -4,10 +4,9 @@ import json
 
 import pandas as pd
 import pytest
-
 from stc_bench.report import write_report
 from stc_bench.report.tables import REDUCTION_COLUMNS, SUMMARY_COLUMNS
-from stc_bench.results import ResultsError, RunResult, load_results
+from stc_bench.results import ResultsError, load_results
 
 
 def test_run_measures_every_stage_and_arm(tiny_result):
