@@ -23,6 +23,7 @@ import torch
 from stc_bench.config import BenchConfig
 from stc_bench.device import Device, resolve_device, resolve_dtype
 from stc_bench.env import capture_environment
+from stc_bench.errors import BenchUsageError
 from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
 from stc_bench.frameworks.framework import ArmSettings, Pipeline
@@ -59,13 +60,18 @@ def choose_scale(config: BenchConfig, device: Device) -> tuple[str, str]:
     return "small", "auto: no CUDA device, so a narrower model with the same token counts (full needs a GPU)"
 
 
-def arms_of(config: BenchConfig) -> list[ArmSettings]:
-    """The baseline arm, then one +STC arm per point of the config."""
+def arms_of(config: BenchConfig, uses_pruner: bool = True) -> list[ArmSettings]:
+    """The baseline arm, then one +STC arm per point of the config (with the pruner only for
+    frameworks where STC uses it)."""
+    if not uses_pruner and len(config.tokens_per_frame) > 1:
+        raise BenchUsageError(f"--tokens-per-frame: STC uses no pruner on {config.framework}, so sweeping it "
+                              "measures the same thing twice; give one value")
     arms = [ArmSettings(Arm.BASELINE.value)]
     for p in config.points:
         cacher = CacherConfig(update_ratio=p.ratio, cache_interval=p.interval, metric=config.metric,
                               selection=config.selection, cuda_graph=config.cuda_graph)
-        arms.append(ArmSettings(Arm.STC.value, p, cacher, PrunerConfig(tokens_per_frame=p.tokens_per_frame)))
+        pruner = PrunerConfig(tokens_per_frame=p.tokens_per_frame) if uses_pruner else None
+        arms.append(ArmSettings(Arm.STC.value, p, cacher, pruner))
     return arms
 
 
@@ -163,6 +169,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     scale, reason = choose_scale(config, device)
     torch.manual_seed(config.seed)
     framework = get_framework(config.framework)
+    arms = arms_of(config, uses_pruner="pruner" in framework.stc_components)
     report = progress or (lambda *_: None)
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
     pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
@@ -184,7 +191,6 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     finished = {p.frames for p in result.points}
     clip_all = load_clip(max(config.frames), pipeline.image_size, config.video, config.fps, config.seed,
                          mean=pipeline.mean, std=pipeline.std)
-    arms = arms_of(config)
     passes = len(config.frames) * ((config.warmup + config.repeats) * len(arms) + 1)
     done = len(finished) * ((config.warmup + config.repeats) * len(arms) + 1)
     description = f"{config.framework}: {len(arms)} arms x {config.repeats} repeats"

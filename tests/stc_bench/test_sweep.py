@@ -87,3 +87,9 @@ def test_sweep_list_errors(cli, tmp_path, args, message):
 def test_unknown_framework_lists_the_choices(cli, tmp_path):
     result = cli("sweep", "nonesuch", "--out", str(tmp_path))
     assert result.exit_code == 2 and "unknown framework 'nonesuch': choose one of dispider, livecc, rekv, streamforest" in result.output
+
+
+def test_cacher_only_frameworks_refuse_a_token_sweep(cli, tmp_path):
+    result = cli("sweep", "dispider", "--scale", "tiny", "--tokens-per-frame", "32,64", "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "STC uses no pruner on dispider" in result.output
+    assert not any(tmp_path.iterdir())
