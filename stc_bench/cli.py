@@ -77,7 +77,7 @@ GpuOpt = Annotated[Optional[int], typer.Option(help="Run on CUDA device N (same 
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto = cuda:0 when CUDA is available, else cpu.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random weights and the synthetic clip.")]
 VideoOpt = Annotated[Optional[str], typer.Option(help="Video file to stream (decoded with PyAV) instead of the built-in synthetic clip.")]
-FpsOpt = Annotated[float, typer.Option(help="Sampling rate for --video, frames per second (STC's protocol: 0.5).")]
+FpsOpt = Annotated[float, typer.Option(help="Sampling rate for --video, frames per second (STC's protocol: 0.5; LiveCC streams at 2).")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(help="Local HF checkpoint folder (safetensors) to load instead of random weights; read offline.")]
 OutOpt = Annotated[Path, typer.Option(help="Output root; each run writes a folder <UTC time>_<framework>_<device> inside.")]
 

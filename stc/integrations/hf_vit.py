@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +26,8 @@ from stc.config import CacherConfig
 from stc.errors import STCError, UnsupportedModelError
 from stc.integrations import qwen2_vl
 from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle
+
+logger = logging.getLogger(__name__)
 
 PREFIX_TOKENS: dict[str, int] = {"CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0, qwen2_vl.BLOCK_CLASS: 0}
 """Supported encoder-layer classes, by name, and how many leading tokens (CLS) each frame has."""
@@ -162,6 +165,11 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     # A Qwen2-VL stream follows the video's resolution: a new (h, w) grid starts a new stream.
     state = CacherState(config, num_layers=len(layers), reset_on_resize=qwen)
     graphs = SelectiveGraphs() if config.cuda_graph else None
+    if qwen and graphs is not None:
+        # The block's rotary tables are new tensors on every call; a captured graph would read
+        # freed memory. Until they become graph inputs, Qwen2-VL runs eager.
+        logger.warning("STC-Cacher: CUDA-graph replay is not available for Qwen2-VL towers yet; running eager")
+        graphs = None
     handle = CacherHandle(tower, config, state)
     if qwen:
         name = _forward_attribute(tower)
