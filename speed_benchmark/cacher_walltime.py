@@ -14,13 +14,13 @@ import argparse
 import statistics
 
 import torch
+
+import stc
 from stc.flops import ViTShape, vit_tower_macs
 from stc_bench.device import resolve_device
 from stc_bench.frameworks.weights import build_random
 from stc_bench.timing import time_call
 from stc_bench.video import load_clip
-
-import stc
 
 
 def main() -> None:

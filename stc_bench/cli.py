@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+
 from stc_bench.config import DTYPES, METRICS, SCALES, SELECTIONS, BenchConfig
 from stc_bench.frameworks import FRAMEWORK_HELP
 
@@ -140,6 +141,7 @@ def run_and_report(config: BenchConfig, resume_folder: Path | None = None) -> Pa
     """Run ``config`` with a progress bar, saving the run folder as samples arrive, then print
     the table. With ``resume_folder``, continue the partial run saved there."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from stc_bench.device import resolve_device
     from stc_bench.errors import BenchUsageError
     from stc_bench.report import write_report
@@ -276,6 +278,7 @@ def compare_command(
     """Compare NEW against BASE per stage, arm and point; exit 0 ok, 1 regression, 2 usage error,
     3 inconclusive (intervals too wide or too few samples)."""
     from rich.table import Table
+
     from stc_bench.compare import (
         EXIT_CODES,
         check_compatible,
@@ -341,6 +344,7 @@ def report_command(
 def env_command() -> None:
     """Print the environment block that every result records (versions, device, threads, commit)."""
     from rich.table import Table
+
     from stc_bench.device import resolve_device
     from stc_bench.env import capture_environment
 
@@ -354,6 +358,7 @@ def env_command() -> None:
 def list_command() -> None:
     """List the frameworks and their presets (scales)."""
     from rich.table import Table
+
     from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
 
     table = Table("framework", "STC", "preset", "architecture")

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
 from stc_bench.errors import BenchUsageError
 from stc_bench.measurement import BOOTSTRAP_RESAMPLES, Measurement
 from stc_bench.results import RunResult

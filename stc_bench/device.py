@@ -10,6 +10,7 @@ import platform
 from dataclasses import dataclass
 
 import torch
+
 from stc_bench.errors import BenchUsageError
 
 

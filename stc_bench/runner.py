@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from stc import CacherConfig, PrunerConfig
 from stc_bench.config import BenchConfig
 from stc_bench.device import Device, resolve_device, resolve_dtype
 from stc_bench.env import capture_environment
@@ -32,8 +34,6 @@ from stc_bench.results import PointResult, RunResult, stage_spec
 from stc_bench.run_folder import RunFolder
 from stc_bench.timing import StageTimer
 from stc_bench.video import load_clip
-
-from stc import CacherConfig, PrunerConfig
 
 logger = logging.getLogger(__name__)
 

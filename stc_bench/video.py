@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from stc_bench.errors import BenchUsageError
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)

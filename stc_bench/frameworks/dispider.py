@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from stc.flops import vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
 from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, encode_steps, vit_shape
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.timing import StageTimer
 from stc_bench.video import CLIP_MEAN, CLIP_STD
-from torch import nn
 
 
 @dataclass(frozen=True)

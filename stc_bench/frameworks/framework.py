@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+
+from stc import CacherConfig, PrunerConfig
 from stc.cacher import CacherStats
 from stc_bench.config import STCPoint
 from stc_bench.timing import StageTimer
-
-from stc import CacherConfig, PrunerConfig
 
 
 @dataclass(frozen=True)

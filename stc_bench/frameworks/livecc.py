@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from stc.flops import LLMShape, ViTShape, streamed_prefill_macs, vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
 from stc_bench.frameworks.parts import QWEN2, CausalLM, cacher_for, chunk_kinds, chunk_starts, describe_llm
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.timing import StageTimer
 from stc_bench.video import CLIP_MEAN, CLIP_STD
-from torch import nn
 
 FIRST_STEP_FRAMES = 6
 """LiveCC's first streaming step: 3 s of video at 2 fps."""

@@ -7,12 +7,12 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from stc.flops import LLMShape, ViTShape
-from stc_bench.frameworks.framework import ArmSettings
-from stc_bench.frameworks.weights import build_random
 from torch import nn
 
 import stc
+from stc.flops import LLMShape, ViTShape
+from stc_bench.frameworks.framework import ArmSettings
+from stc_bench.frameworks.weights import build_random
 
 
 @dataclass(frozen=True)

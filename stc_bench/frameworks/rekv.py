@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import stc
 from stc.flops import LLMShape, streamed_prefill_macs, vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
 from stc_bench.frameworks.parts import (
@@ -31,9 +34,6 @@ from stc_bench.frameworks.parts import (
 )
 from stc_bench.frameworks.weights import CheckpointError, build_random, read_checkpoint_config
 from stc_bench.timing import StageTimer
-from torch import nn
-
-import stc
 
 SYSTEM_PROMPT_TOKENS = 24
 """Length of the untimed init prompt (ReKV's system + user preamble is about this long)."""

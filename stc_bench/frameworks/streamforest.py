@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from stc.flops import prefill_macs, vit_tower_macs
 from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
 from stc_bench.frameworks.parts import (
@@ -30,7 +32,6 @@ from stc_bench.frameworks.parts import (
 )
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.timing import StageTimer
-from torch import nn
 
 SHORT_TERM_TOKENS = 128
 LONG_TERM_TOKENS_PER_FRAME = 64

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from stc_bench.errors import BenchUsageError
 from torch import nn
+
+from stc_bench.errors import BenchUsageError
 
 M = TypeVar("M", bound=nn.Module)
 

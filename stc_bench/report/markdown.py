@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, sweep_headers, sweep_rows
+from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, memory_line, sweep_headers, sweep_rows
 from stc_bench.report.terminal import header_lines
 from stc_bench.results import RunResult
 
@@ -51,6 +51,8 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
     for p in result.points:
         parts += ["", f"### {p.frames} frames, +STC {p.point.label}", "",
                   _table(COMPARISON_HEADERS, comparison_rows(result, p)), "", fidelity_line(result, p) + "."]
+        if memory_line(result, p):
+            parts += ["", memory_line(result, p) + "."]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     parts += ["", "## Caveats", ""] + [f"- {line}" for line in caveats(result)]

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
 from stc_bench.results import RunResult  # noqa: E402
 
 KIND_COLOURS = {"refresh": "tab:orange", "selective": "tab:green", "mixed": "tab:olive", "full": "tab:blue"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+
 from stc_bench.measurement import Arm
 from stc_bench.results import RunResult
 
@@ -90,6 +91,15 @@ def comparison_rows(result: RunResult, point) -> list[list[str]]:
             f"{point.tokens['baseline'][stage]:,} → {point.tokens['stc'][stage]:,}",
         ])
     return rows
+
+
+def memory_line(result: RunResult, point) -> str | None:
+    """Peak CUDA memory of each arm at a point (None on a CPU, where it is not measured)."""
+    peaks = []
+    for arm, m in (("baseline", result.baseline(point.frames, "vit")), ("+STC", result.stc(point.frames, point.point, "vit"))):
+        if m is not None and "peak_memory_mb" in m.metadata:
+            peaks.append(f"{arm} {m.metadata['peak_memory_mb']:,.0f} MiB")
+    return "peak CUDA memory: " + ", ".join(peaks) if peaks else None
 
 
 def fidelity_line(result: RunResult, point) -> str:

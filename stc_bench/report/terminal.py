@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, sweep_headers, sweep_rows
+
+from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, memory_line, sweep_headers, sweep_rows
 from stc_bench.results import RunResult
 
 
@@ -40,5 +41,7 @@ def render_tables(result: RunResult, console: Console) -> None:
             table.add_row(*row)
         console.print(table)
         console.print(fidelity_line(result, p), highlight=False)
+        if memory_line(result, p):
+            console.print(memory_line(result, p), highlight=False)
     for err in result.errors:
         console.print(f"[red]error:[/] {err}")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.conftest import build_tiny_tower, moving_clip, noisy_clip
 
 import stc
 from stc import CacherConfig
+from tests.conftest import build_tiny_tower, moving_clip, noisy_clip
 
 TOL = 1e-5
 
@@ -140,8 +140,9 @@ def test_attaching_twice_replaces_the_first_patch(tower, frames):
 
 
 def test_attach_finds_the_tower_inside_a_larger_model(frames):
-    from tests.conftest import TINY_VIT
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    from tests.conftest import TINY_VIT
 
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**TINY_VIT).to_dict(),

@@ -1,7 +1,7 @@
 import pytest
-from stc.flops import LLMShape, ViTShape, prefill_macs, streamed_prefill_macs, vit_layer_macs, vit_tower_macs
 
 from stc import CacherConfig
+from stc.flops import LLMShape, ViTShape, prefill_macs, streamed_prefill_macs, vit_layer_macs, vit_tower_macs
 
 
 def test_vit_layer_against_hand_counts():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stc.pruner.scoring import low_variance_channels
 
 from stc import PrunerConfig, STCPruner
+from stc.pruner.scoring import low_variance_channels
 
 
 def features(frames=4, tokens=12, channels=8, seed=0):

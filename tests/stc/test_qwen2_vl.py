@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stc_bench.frameworks.livecc import patchify
 
 import stc
 from stc import CacherConfig
+from stc_bench.frameworks.livecc import patchify
 
 TOL = 1e-5
 TOKENS = 64  # 16x16 px, patch 2 -> 8x8 tokens per temporal group
@@ -128,3 +128,13 @@ def test_older_rotary_pos_emb_signature_gives_the_same_output():
         new = block(x, cu, position_embeddings=(emb.cos(), emb.sin()))
         reference = type(block).forward(block, x, cu, position_embeddings=(emb.cos(), emb.sin()))
     assert torch.allclose(old, new) and (new - reference).abs().max() <= TOL
+
+
+def test_cuda_graph_option_runs_eager_with_a_warning(caplog):
+    frames = clip(4)
+    with stc.cacher_attached(TOWER, CacherConfig()):
+        eager = encode(frames)
+    with caplog.at_level("WARNING", logger="stc.integrations.hf_vit"):
+        with stc.cacher_attached(TOWER, CacherConfig(cuda_graph=True)):
+            graphed = encode(frames)
+    assert torch.equal(eager, graphed) and "not available for Qwen2-VL towers yet" in caplog.text

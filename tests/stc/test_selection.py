@@ -3,6 +3,7 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from stc.core import dynamic_token_count, select_changed_tokens, token_similarity
 
 

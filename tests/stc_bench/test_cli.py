@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.stc_bench.conftest import TINY_RUN
 
 
@@ -87,8 +88,9 @@ def test_bad_video_checkpoint_and_output_exit_2(cli, tmp_path):
 
 
 def test_local_checkpoint_is_loaded_offline(cli, tmp_path):
-    from stc_bench.frameworks.rekv import SHAPES, llava_onevision_config
     from transformers import LlavaOnevisionForConditionalGeneration
+
+    from stc_bench.frameworks.rekv import SHAPES, llava_onevision_config
 
     model = LlavaOnevisionForConditionalGeneration(llava_onevision_config(SHAPES["tiny"]))
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
@@ -111,3 +113,27 @@ def test_help_does_not_import_torch():
     env = {**os.environ, "COLUMNS": "200"}
     out = subprocess.run([sys.executable, "-m", "stc_bench.cli", "rekv", "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "--tokens-per-frame" in out.stdout and "--checkpoint" in out.stdout
+
+
+def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, tmp_path, monkeypatch):
+    import stc_bench.runner as runner
+
+    real_pass, calls = runner._timed_pass, {"n": 0}
+
+    def runs_out_at_the_second_frame_count(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 8:  # frames 2: (1 warm-up + 3 repeats) x 2 arms, then frames 4 fails
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_timed_pass", runs_out_at_the_second_frame_count)
+    result = cli("rekv", "--scale", "tiny", "--frames", "2,4", "--repeats", "3", "--warmup", "1", "--device", "cpu",
+                 "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert "CUDA out of memory at --frames 4 (scale tiny, dtype float32, --chunk-frames 1)" in result.output
+    folder = run_folder(tmp_path)
+    from stc_bench.results import load_results
+
+    saved = load_results(folder)
+    assert [p.frames for p in saved.points] == [2] and not saved.complete
+    assert "CUDA out of memory" in (folder / "report.md").read_text()

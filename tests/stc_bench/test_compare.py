@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from stc_bench.compare import parse_reduction_gate, parse_slowdown_gate
 from stc_bench.results import RunResult
 

@@ -1,4 +1,5 @@
 import pytest
+
 from stc_bench.config import BenchConfig, STCPoint
 
 

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import stc
 from stc_bench.config import STCPoint
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_HELP, FRAMEWORK_MODULES, get_framework
@@ -10,8 +12,6 @@ from stc_bench.frameworks.livecc import SHAPES as LIVECC
 from stc_bench.frameworks.livecc import patchify
 from stc_bench.frameworks.streamforest import memory_tokens, tome_merge
 from stc_bench.timing import StageTimer
-
-import stc
 
 CACHER = ArmSettings("stc", STCPoint(0.25, 2, 64), stc.CacherConfig(), None)
 BASE = ArmSettings("baseline")

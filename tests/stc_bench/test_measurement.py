@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from stc_bench.measurement import Measurement, StageSpec, paired_reduction
 
 SPEC = StageSpec("rekv", "tiny", "cpu", "float32", 4, "vit", "baseline")

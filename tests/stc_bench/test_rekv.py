@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+
+import stc
 from stc_bench.config import STCPoint
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import get_framework
 from stc_bench.frameworks.framework import ArmSettings
 from stc_bench.frameworks.rekv import SHAPES, build, pool_2x2_bilinear
 from stc_bench.timing import StageTimer
-
-import stc
 
 STC_ARM = ArmSettings("stc", STCPoint(0.25, 2, 64), stc.CacherConfig(), stc.PrunerConfig(tokens_per_frame=64))
 

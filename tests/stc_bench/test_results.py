@@ -4,9 +4,10 @@ import json
 
 import pandas as pd
 import pytest
+
 from stc_bench.report import write_report
 from stc_bench.report.tables import REDUCTION_COLUMNS, SUMMARY_COLUMNS
-from stc_bench.results import ResultsError, load_results
+from stc_bench.results import ResultsError, RunResult, load_results
 
 
 def test_run_measures_every_stage_and_arm(tiny_result):
@@ -60,3 +61,14 @@ def test_unreadable_results_are_refused(tmp_path):
     (tmp_path / "results.json").write_text("{broken")
     with pytest.raises(ResultsError, match="not an stc-bench results file"):
         load_results(tmp_path)
+
+
+def test_peak_cuda_memory_is_reported_when_measured(tiny_result):
+    from stc_bench.report.tables import memory_line
+
+    (point,) = tiny_result.points
+    assert memory_line(tiny_result, point) is None  # a CPU run measures none
+    gpu_like = RunResult.from_dict(tiny_result.to_dict())
+    for m in gpu_like.measurements:
+        m.metadata["peak_memory_mb"] = 2048.0 if m.spec.arm == "baseline" else 1536.0
+    assert memory_line(gpu_like, gpu_like.points[0]) == "peak CUDA memory: baseline 2,048 MiB, +STC 1,536 MiB"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from tests.stc_bench.test_cli import run_folder
 
 SWEEP = ["sweep", "--scale", "tiny", "--ratio", "0.1,0.25,0.5", "--repeats", "3", "--warmup", "1", "--device", "cpu"]

@@ -2,6 +2,7 @@ import av
 import numpy as np
 import pytest
 import torch
+
 from stc_bench.video import VideoError, decode_video, load_clip, synthetic_clip
 
 
