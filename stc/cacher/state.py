@@ -97,6 +97,7 @@ class CacherState:
         """True: frames of a new token count start a new stream; False: they are an error."""
         self.call_shape: tuple[int, int] | None = None
         """(frames, tokens per frame) of the current call, for towers that see a flat sequence."""
+        self._index_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -140,13 +141,16 @@ class CacherState:
         self.frame_index += frames
         self.tokens_per_frame = tokens
 
-        def as_index(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
+        key = (device, tuple(refresh), tuple(selective), tuple(source))
+        if key not in self._index_cache:
+            # A host-to-device copy of pageable memory synchronises the stream: make each call
+            # pattern's index tensors once (a stream repeats a handful of patterns) and reuse them.
+            self._index_cache[key] = tuple(torch.tensor(v, dtype=torch.long).to(device) for v in (refresh, selective, source))
+        refresh_index, selective_index, source_index = self._index_cache[key]
         self.plan = CallPlan(
-            refresh=as_index(refresh),
-            selective=as_index(selective),
-            source=as_index(source),
+            refresh=refresh_index,
+            selective=selective_index,
+            source=source_index,
             uses_stored=0 in source,
             first_frame=first,
             refresh_frames=tuple(first + p for p in refresh),

@@ -226,3 +226,13 @@ def test_cuda_graph_replay_matches_eager_on_gpu():
     with stc.cacher_attached(tower, CacherConfig(update_ratio=0.25, cuda_graph=True)):
         graphed = encode(tower, clip)
     assert (eager - graphed).abs().max() <= TOL
+
+
+def test_index_tensors_of_a_call_pattern_are_made_once(frames):
+    """Per-call index tensors are cached: no host-to-device copy per call once a pattern is known."""
+    tower = build_tiny_tower("siglip")
+    with stc.cacher_attached(tower, CacherConfig(cache_interval=2)) as handle:
+        for i in range(6):
+            encode(tower, frames[i : i + 1])
+        plans = handle._state._index_cache
+    assert len(plans) == 2  # one-frame refresh calls and one-frame selective calls
