@@ -47,7 +47,9 @@ def cached_layer_forward(
         if refreshed:
             state.references[layer_index] = reference.frame(plan.refresh_frames[-1] - plan.first_frame)
     else:
-        y = torch.empty_like(x)
+        # With no refresh frame in the call (the common one-frame step), every frame is
+        # selective and in order: work on x and return the result without scatter copies.
+        y = torch.empty_like(x) if refreshed else None
         sources: list[LayerReference] = []
         stored = state.references[layer_index]
         if plan.uses_stored:
@@ -64,7 +66,7 @@ def cached_layer_forward(
             offset = 0 if plan.uses_stored else 1
             frame_refs = LayerReference.concat(sources).gather(plan.source - offset)
         shared = config.selection == "shared" and layer_index > 0
-        x_sel = x.index_select(0, plan.selective)                                        # (S, n, d)
+        x_sel = x.index_select(0, plan.selective) if refreshed else x                    # (S, n, d)
         index = plan.index if shared else None
         if graphs is not None:
             y_sel, index = graphs.run(layer_index, ops, x_sel, frame_refs, count, config.metric, index)
@@ -72,7 +74,10 @@ def cached_layer_forward(
             y_sel, index = selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
         if layer_index == 0:
             plan.index = index
-        y.index_copy_(0, plan.selective, y_sel)
+        if y is None:
+            y = y_sel
+        else:
+            y.index_copy_(0, plan.selective, y_sel)
 
     per_selective = tokens if count >= patch_tokens else count + ops.prefix_tokens
     plan.recomputed.append(refreshed * tokens + selected * per_selective)
