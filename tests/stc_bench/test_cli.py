@@ -108,7 +108,8 @@ def test_list_and_env(cli):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from stc_bench.cli import app; sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)"
+    code = ("import sys, stc_bench; from stc_bench.cli import app; assert stc_bench.BenchConfig().framework == 'rekv'; "
+            "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     env = {**os.environ, "COLUMNS": "200"}
     out = subprocess.run([sys.executable, "-m", "stc_bench.cli", "rekv", "--help"], capture_output=True, text=True, env=env)
