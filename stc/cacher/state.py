@@ -120,13 +120,13 @@ class CacherState:
         yet (a previous call failed before storing one); a selective frame reads the latest
         refresh frame at or before it: one of this call's, or the stored one.
         """
-        if self.tokens_per_frame is not None and tokens != self.tokens_per_frame and self.reset_on_resize:
-            self.reset()
         if self.tokens_per_frame is not None and tokens != self.tokens_per_frame:
-            raise StreamStateError(
-                f"frames now have {tokens} tokens but this stream started with {self.tokens_per_frame}: "
-                "call handle.reset() before feeding a video of another resolution"
-            )
+            if not self.reset_on_resize:
+                raise StreamStateError(
+                    f"frames now have {tokens} tokens but this stream started with {self.tokens_per_frame}: "
+                    "call handle.reset() before feeding a video of another resolution"
+                )
+            self.reset()
         interval = self.config.cache_interval
         has_reference = self.references[0] is not None
         refresh, selective, source = [], [], []

@@ -34,9 +34,9 @@ SHAPES = {
     "tiny": DispiderShape(TowerShape(32, 64, 2, 4, 32, 2)),            # 256 + CLS tokens
 }
 PRESETS = {
-    "full": Preset("full", "Dispider's CLIP ViT-L/14 @ 224 px (24 layers, 257 tokens with CLS)", SHAPES["full"].__dict__),
-    "small": Preset("small", "same 257 tokens per frame, narrow tower: for CPUs", SHAPES["small"].__dict__),
-    "tiny": Preset("tiny", "toy width, 256 + CLS tokens: for tests", SHAPES["tiny"].__dict__),
+    "full": Preset("full", "Dispider's CLIP ViT-L/14 @ 224 px (24 layers, 257 tokens with CLS)"),
+    "small": Preset("small", "same 257 tokens per frame, narrow tower: for CPUs"),
+    "tiny": Preset("tiny", "toy width, 256 + CLS tokens: for tests"),
 }
 
 

@@ -6,7 +6,7 @@ owns arms, repeats, interleaving, timing and statistics, and is the same for eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -53,7 +53,6 @@ class Preset:
 
     name: str
     summary: str
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline(Protocol):

@@ -70,9 +70,9 @@ SHAPES = {
     "tiny": LiveCCShape(QwenVisionShape(2, 32, 4, 2, 2, 32, QWEN2["tiny"].width), QWEN2["tiny"]),
 }
 PRESETS = {
-    "full": Preset("full", "LiveCC-7B: Qwen2-VL-7B vision tower (32 blocks) + Qwen2-7B-class text model", SHAPES["full"].__dict__),
-    "small": Preset("small", "same token counts (1024 -> 256 per 2-frame group), narrow towers: for CPUs", SHAPES["small"].__dict__),
-    "tiny": Preset("tiny", "toy widths (256 -> 64 tokens per group): for tests", SHAPES["tiny"].__dict__),
+    "full": Preset("full", "LiveCC-7B: Qwen2-VL-7B vision tower (32 blocks) + Qwen2-7B-class text model"),
+    "small": Preset("small", "same token counts (1024 -> 256 per 2-frame group), narrow towers: for CPUs"),
+    "tiny": Preset("tiny", "toy widths (256 -> 64 tokens per group): for tests"),
 }
 
 

@@ -44,10 +44,9 @@ QUERY_TOKENS = 8
 SHAPES = SIGLIP_QWEN2
 
 PRESETS = {
-    "full": Preset("full", "LLaVA-OV-7B: SigLIP-so400m (26 layers) + Qwen2-7B", SHAPES["full"].__dict__),
-    "small": Preset("small", "same token counts (729 -> 196 per frame), narrow towers: ~1.5 min default run on a 2-core CPU",
-                    SHAPES["small"].__dict__),
-    "tiny": Preset("tiny", "toy widths, same 729 -> 196 token structure: for tests", SHAPES["tiny"].__dict__),
+    "full": Preset("full", "LLaVA-OV-7B: SigLIP-so400m (26 layers) + Qwen2-7B"),
+    "small": Preset("small", "same token counts (729 -> 196 per frame), narrow towers: ~1.5 min default run on a 2-core CPU"),
+    "tiny": Preset("tiny", "toy widths, same 729 -> 196 token structure: for tests"),
 }
 
 

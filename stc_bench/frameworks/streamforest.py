@@ -95,9 +95,9 @@ def memory_tokens(frames: list[torch.Tensor]) -> torch.Tensor:
 
 SHAPES = SIGLIP_QWEN2
 PRESETS = {
-    "full": Preset("full", "StreamForest-Qwen2-7B: SigLIP-so400m (26 layers) + ToMe memory + Qwen2-7B", SHAPES["full"].__dict__),
-    "small": Preset("small", "same token counts (729 per frame, 128/64 in memory), narrow towers: for CPUs", SHAPES["small"].__dict__),
-    "tiny": Preset("tiny", "toy widths, same token structure: for tests", SHAPES["tiny"].__dict__),
+    "full": Preset("full", "StreamForest-Qwen2-7B: SigLIP-so400m (26 layers) + ToMe memory + Qwen2-7B"),
+    "small": Preset("small", "same token counts (729 per frame, 128/64 in memory), narrow towers: for CPUs"),
+    "tiny": Preset("tiny", "toy widths, same token structure: for tests"),
 }
 
 
