@@ -1,10 +1,11 @@
 """STC-Cacher: streaming state, the full/selective layer forwards, and their batched dispatch."""
 
 from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_forward
+from stc.cacher.graph import GraphStats, SelectiveGraphs
 from stc.cacher.state import CacherState, CacherStats, CallRecord
 from stc.cacher.stream import cached_layer_forward
 
 __all__ = [
-    "CacherState", "CacherStats", "CallRecord", "LayerOps", "LayerReference",
+    "CacherState", "CacherStats", "CallRecord", "GraphStats", "LayerOps", "LayerReference", "SelectiveGraphs",
     "cached_layer_forward", "full_forward", "selective_forward",
 ]

@@ -2,10 +2,16 @@
 
 A selective frame launches many small kernels (gathers, scatters, a top-k, short matmuls);
 on a fast GPU their launch overhead can eat the saved FLOPs. Replaying each layer's selective
-forward from a captured CUDA graph removes that overhead. One graph is captured per layer and
-input shape, on first use; inputs are copied into the graph's static buffers before each replay
-and outputs are cloned out of them. Anywhere a graph cannot be used (CPU tensors, a capture
-error) the eager forward runs instead, and a warning is logged once.
+forward from a captured CUDA graph removes that overhead.
+
+One ``SelectiveGraphs`` belongs to one tower and outlives attaches (the integration keeps it
+beside the tower), so a graph is captured once per layer, weights and input shapes, not once
+per stream. Capturing synchronises the device and empties the allocator's cache, so it must
+happen outside timed regions: call the tower once, untimed, on a stream of the shapes that
+will be timed (stc-bench runs an untimed prepare pass per arm first). Inputs are copied into
+the graph's static buffers before each replay and outputs are cloned out of them. Anywhere a
+graph cannot be used (CPU tensors, a capture error) the eager forward runs instead, and a
+warning is logged once; ``stats`` says which happened, so a test or a report can tell.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from stc.cacher.block import LayerOps, LayerReference, selective_forward
 
 logger = logging.getLogger(__name__)
 
+WARMUP_ITERATIONS = 3
+"""Eager runs on a side stream before capture, as PyTorch's CUDA-graph documentation does."""
+
 
 @dataclass
 class _Captured:
@@ -27,13 +36,34 @@ class _Captured:
     outputs: tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class GraphStats:
+    """What the graphs of one tower did since they were created."""
+
+    captures: int
+    """Graphs captured (one per layer, weights and input shapes)."""
+    replays: int
+    """Selective forwards served by replaying a graph."""
+    eager_calls: int
+    """Selective forwards that ran eager because graphs are off."""
+    disabled_reason: str | None
+    """Why graphs are off (None while they are in use)."""
+
+
 class SelectiveGraphs:
-    """Captured selective forwards of one tower, keyed by layer and input shapes."""
+    """Captured selective forwards of one tower, keyed by layer, weights and input shapes."""
 
     def __init__(self) -> None:
         self._captured: dict[tuple, _Captured] = {}
-        self._pool = None
+        self._pools: dict[torch.device, object] = {}
         self.disabled_reason: str | None = None
+        self._replays = 0
+        self._eager = 0
+
+    @property
+    def stats(self) -> GraphStats:
+        """Captures, replays and eager fallbacks so far."""
+        return GraphStats(len(self._captured), self._replays, self._eager, self.disabled_reason)
 
     def _fall_back(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -42,7 +72,7 @@ class SelectiveGraphs:
 
     def run(
         self,
-        layer_index: int,
+        layer_key: tuple,
         ops: LayerOps,
         x: torch.Tensor,
         reference: LayerReference,
@@ -50,44 +80,56 @@ class SelectiveGraphs:
         metric: str,
         index: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``selective_forward(ops, x, reference, count, metric, index)``, replayed when possible."""
+        """``selective_forward(ops, x, reference, count, metric, index)``, replayed when possible.
+
+        ``layer_key`` identifies the layer and its weights (a graph reads weights by address, so
+        a layer whose parameters were replaced must not replay an old graph)."""
         if self.disabled_reason is None and not x.is_cuda:
             self._fall_back(f"tensors are on {x.device.type}, CUDA graphs need a CUDA device")
         if self.disabled_reason is not None:
+            self._eager += 1
             return selective_forward(ops, x, reference, count, metric, index)
         inputs = [x, reference.keys, reference.values, reference.attn, reference.mlp]
         if index is not None:
             inputs.append(index)
-        key = (layer_index, count, metric, tuple((t.shape, t.dtype) for t in inputs))
+        key = (layer_key, x.device, count, metric, tuple((t.shape, t.dtype) for t in inputs))
         captured = self._captured.get(key)
         if captured is None:
             try:
                 captured = self._capture(ops, inputs, count, metric)
             except Exception as err:  # any capture failure means: run eager, say so once
                 self._fall_back(f"capture failed: {type(err).__name__}: {err}")
+                self._eager += 1
                 return selective_forward(ops, x, reference, count, metric, index)
             self._captured[key] = captured
         for static, value in zip(captured.inputs, inputs):
             static.copy_(value)
         captured.graph.replay()
+        self._replays += 1
         y, chosen = captured.outputs
         return y.clone(), chosen.clone()
 
     def _capture(self, ops: LayerOps, inputs: list[torch.Tensor], count: int, metric: str) -> _Captured:
+        device = inputs[0].device
         static = [t.clone() for t in inputs]  # expanded references become real buffers here
 
         def forward():
             x, k, v, a, m, *index = static
             return selective_forward(ops, x, LayerReference(k, v, a, m), count, metric, index[0] if index else None)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = forward()
+        # Everything on the tensors' own GPU: under --gpu N the side stream, the capture stream
+        # and the memory pool must belong to device N, not to whatever device is current.
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
+                for _ in range(WARMUP_ITERATIONS):
+                    forward()
+            current.wait_stream(side)
+            if device not in self._pools:
+                self._pools[device] = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pools[device]):
+                outputs = forward()
         return _Captured(graph=graph, inputs=static, outputs=outputs)

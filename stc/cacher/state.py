@@ -7,13 +7,29 @@ frames refresh, which are selective, and which reference each selective frame re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from stc.cacher.block import LayerReference
 from stc.config import CacherConfig
+from stc.core import dynamic_token_count
 from stc.errors import StreamStateError
+
+PATTERN_CACHE_SIZE = 1024
+"""Call patterns whose index tensors are kept per process (a stream repeats a handful)."""
+
+
+@functools.lru_cache(maxsize=PATTERN_CACHE_SIZE)
+def pattern_indices(device: torch.device, *positions: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Each tuple of batch positions as a (len,) int64 tensor on ``device``, made once per process.
+
+    A host-to-device copy of pageable memory synchronises the stream, so a timed call must not
+    make one: the cache outlives streams and attaches, and the first (untimed) pass of a stream
+    shape fills it. The tensors are shared: never write into them.
+    """
+    return tuple(torch.tensor(p, dtype=torch.long).to(device) for p in positions)
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,10 @@ class CallPlan:
     """(S,) for each selective frame, its reference in [stored reference, *refresh frames]."""
     uses_stored: bool
     """Whether any selective frame reads the reference stored by an earlier call."""
+    keeps_references: bool
+    """Whether layers store references: False when no frame of the stream can be selective
+    (``cache_interval == 1``, or every patch token is dynamic), so a null setting runs exactly
+    the unpatched layer's work and nothing else."""
     first_frame: int
     refresh_frames: tuple[int, ...]
     selective_frames: tuple[int, ...]
@@ -97,7 +117,6 @@ class CacherState:
         """True: frames of a new token count start a new stream; False: they are an error."""
         self.call_shape: tuple[int, int] | None = None
         """(frames, tokens per frame) of the current call, for towers that see a flat sequence."""
-        self._index_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -113,7 +132,7 @@ class CacherState:
         self.references = [None] * self.num_layers
         self.plan = None
 
-    def begin_call(self, frames: int, tokens: int, device: torch.device) -> CallPlan:
+    def begin_call(self, frames: int, tokens: int, device: torch.device, prefix_tokens: int = 0) -> CallPlan:
         """Plan a call of ``frames`` frames of ``tokens`` tokens and advance the frame counter.
 
         Frame i is a refresh frame when ``i % cache_interval == 0`` or when no reference exists
@@ -128,7 +147,9 @@ class CacherState:
                 )
             self.reset()
         interval = self.config.cache_interval
-        has_reference = self.references[0] is not None
+        patch_tokens = tokens - prefix_tokens
+        keeps_references = interval > 1 and dynamic_token_count(patch_tokens, self.config.update_ratio) < patch_tokens
+        has_reference = self.references[0] is not None or not keeps_references
         refresh, selective, source = [], [], []
         for position in range(frames):
             i = self.frame_index + position
@@ -141,17 +162,13 @@ class CacherState:
         self.frame_index += frames
         self.tokens_per_frame = tokens
 
-        key = (device, tuple(refresh), tuple(selective), tuple(source))
-        if key not in self._index_cache:
-            # A host-to-device copy of pageable memory synchronises the stream: make each call
-            # pattern's index tensors once (a stream repeats a handful of patterns) and reuse them.
-            self._index_cache[key] = tuple(torch.tensor(v, dtype=torch.long).to(device) for v in (refresh, selective, source))
-        refresh_index, selective_index, source_index = self._index_cache[key]
+        refresh_index, selective_index, source_index = pattern_indices(device, tuple(refresh), tuple(selective), tuple(source))
         self.plan = CallPlan(
             refresh=refresh_index,
             selective=selective_index,
             source=source_index,
             uses_stored=0 in source,
+            keeps_references=keeps_references,
             first_frame=first,
             refresh_frames=tuple(first + p for p in refresh),
             selective_frames=tuple(first + p for p in selective),

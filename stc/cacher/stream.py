@@ -22,15 +22,17 @@ def cached_layer_forward(
     layer_index: int,
     state: CacherState,
     graphs: SelectiveGraphs | None = None,
+    graph_key: tuple = (),
 ) -> torch.Tensor:
     """Forward of layer ``layer_index`` on the frames x (B, n, d) of the current call.
 
     The first layer plans the call (and advances the stream); the last one records its
-    statistics. References are replaced only by refresh frames.
+    statistics. References are replaced only by refresh frames, and only when some frame of
+    the stream can read them. ``graph_key`` tells ``graphs`` which weights this layer has.
     """
     frames, tokens, _ = x.shape
     if layer_index == 0:
-        state.begin_call(frames, tokens, x.device)
+        state.begin_call(frames, tokens, x.device, ops.prefix_tokens)
     plan = state.plan
     assert plan is not None, "layers of a patched tower must run in order, starting with layer 0"
     config = state.config
@@ -41,11 +43,10 @@ def cached_layer_forward(
 
     if selected == 0:  # only refresh frames: the plain forward, keeping the last as reference
         y, reference = full_forward(ops, x)
-        state.references[layer_index] = reference.frame(frames - 1)
-    elif count >= patch_tokens:  # every token is dynamic: the full forward, exactly
-        y, reference = full_forward(ops, x)
-        if refreshed:
-            state.references[layer_index] = reference.frame(plan.refresh_frames[-1] - plan.first_frame)
+        if plan.keeps_references:
+            state.references[layer_index] = reference.frame(frames - 1)
+    elif count >= patch_tokens:  # every token is dynamic: the full forward, exactly; nothing to keep
+        y, _ = full_forward(ops, x)
     else:
         # With no refresh frame in the call (the common one-frame step), every frame is
         # selective and in order: work on x and return the result without scatter copies.
@@ -69,7 +70,7 @@ def cached_layer_forward(
         x_sel = x.index_select(0, plan.selective) if refreshed else x                    # (S, n, d)
         index = plan.index if shared else None
         if graphs is not None:
-            y_sel, index = graphs.run(layer_index, ops, x_sel, frame_refs, count, config.metric, index)
+            y_sel, index = graphs.run((layer_index, *graph_key), ops, x_sel, frame_refs, count, config.metric, index)
         else:
             y_sel, index = selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
         if layer_index == 0:

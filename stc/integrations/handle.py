@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from stc.cacher.graph import GraphStats, SelectiveGraphs
 from stc.cacher.state import CacherState, CacherStats
 from stc.config import CacherConfig
 
@@ -22,13 +23,11 @@ class _Replacement:
     previous: Any  # _ABSENT when the attribute was not in the instance's __dict__
 
 
-class CacherHandle:
-    """An attached STC-Cacher: reset it per video, read its stats, detach it to undo the patch."""
+class PatchHandle:
+    """Instance attributes replaced on a tower and its layers, and how to restore them exactly."""
 
-    def __init__(self, tower: nn.Module, config: CacherConfig, state: CacherState):
+    def __init__(self, tower: nn.Module):
         self.tower = tower
-        self.config = config
-        self._state = state
         self._replacements: list[_Replacement] = []
         self.attached = False
 
@@ -40,10 +39,48 @@ class CacherHandle:
         self._replace(self.tower, HANDLE_ATTRIBUTE, self)
         self.attached = True
 
+    def detach(self) -> nn.Module:
+        """Restore every replaced attribute exactly (deleting those that were absent); idempotent."""
+        for r in reversed(self._replacements):
+            if r.previous is _ABSENT:
+                if r.name in r.owner.__dict__:
+                    delattr(r.owner, r.name)
+            else:
+                setattr(r.owner, r.name, r.previous)
+        self._replacements.clear()
+        self.attached = False
+        return self.tower
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"{type(self).__name__}({type(self.tower).__name__}, {state})"
+
+
+class CacherHandle(PatchHandle):
+    """An attached STC-Cacher: reset it per video, read its stats, detach it to undo the patch."""
+
+    def __init__(self, tower: nn.Module, config: CacherConfig, state: CacherState, graphs: SelectiveGraphs | None = None):
+        super().__init__(tower)
+        self.config = config
+        self._state = state
+        self._graphs = graphs
+
     @property
     def stats(self) -> CacherStats:
         """Per-call refresh/selective frames and per-layer recomputed tokens since the last reset."""
         return self._state.stats
+
+    @property
+    def graph_stats(self) -> GraphStats | None:
+        """Captures, replays and eager fallbacks of the tower's CUDA graphs (None without
+        ``cuda_graph``). The graphs outlive this handle: counts include earlier attaches."""
+        return self._graphs.stats if self._graphs is not None else None
 
     @property
     def frame_index(self) -> int:
@@ -58,22 +95,12 @@ class CacherHandle:
         """Restore every replaced attribute exactly (deleting those that were absent); idempotent.
 
         The cached references are freed; ``stats`` stay readable until ``reset``."""
-        for r in reversed(self._replacements):
-            if r.previous is _ABSENT:
-                if r.name in r.owner.__dict__:
-                    delattr(r.owner, r.name)
-            else:
-                setattr(r.owner, r.name, r.previous)
-        self._replacements.clear()
-        self.attached = False
+        super().detach()
         self._state.drop_references()
         return self.tower
 
     def __enter__(self) -> CacherHandle:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

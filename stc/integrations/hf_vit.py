@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -25,12 +26,22 @@ from stc.cacher.stream import cached_layer_forward
 from stc.config import CacherConfig
 from stc.errors import STCError, UnsupportedModelError
 from stc.integrations import qwen2_vl
-from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle
+from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle, PatchHandle
 
 logger = logging.getLogger(__name__)
 
 PREFIX_TOKENS: dict[str, int] = {"CLIPEncoderLayer": 1, "SiglipEncoderLayer": 0, qwen2_vl.BLOCK_CLASS: 0}
 """Supported encoder-layer classes, by name, and how many leading tokens (CLS) each frame has."""
+
+_TOWER_GRAPHS: weakref.WeakKeyDictionary[nn.Module, SelectiveGraphs] = weakref.WeakKeyDictionary()
+"""Each tower's CUDA graphs, kept across attaches (a stream re-attaches; capture happens once)
+and freed with the tower."""
+
+
+def _weights_key(layer: nn.Module) -> tuple:
+    """The device addresses of a layer's parameters: a captured graph reads weights by address,
+    so a layer whose parameters were replaced or moved gets new graphs."""
+    return tuple((p.device, p.data_ptr()) for p in layer.parameters())
 
 
 def _class_names(module: nn.Module) -> list[str]:
@@ -128,10 +139,11 @@ def _check_call(args: tuple, kwargs: dict) -> None:
         raise STCError("STC-Cacher does not return attention weights: call without output_attentions=True")
 
 
-def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, graphs, returns_tuple: bool):
+def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, graphs, graph_key: tuple,
+                  returns_tuple: bool):
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         _check_call(args, kwargs)
-        y = cached_layer_forward(ops, hidden_states, layer_index, state, graphs)
+        y = cached_layer_forward(ops, hidden_states, layer_index, state, graphs, graph_key)
         return (y,) if returns_tuple else y
 
     forward.__doc__ = f"""STC-Cacher forward of encoder layer {layer_index}, mirroring
@@ -164,13 +176,14 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     qwen = kind == qwen2_vl.BLOCK_CLASS
     # A Qwen2-VL stream follows the video's resolution: a new (h, w) grid starts a new stream.
     state = CacherState(config, num_layers=len(layers), reset_on_resize=qwen)
-    graphs = SelectiveGraphs() if config.cuda_graph else None
-    if qwen and graphs is not None:
+    graphs = None
+    if config.cuda_graph and qwen:
         # The block's rotary tables are new tensors on every call; a captured graph would read
         # freed memory. Until they become graph inputs, Qwen2-VL runs eager.
         logger.warning("STC-Cacher: CUDA-graph replay is not available for Qwen2-VL towers yet; running eager")
-        graphs = None
-    handle = CacherHandle(tower, config, state)
+    elif config.cuda_graph:
+        graphs = _TOWER_GRAPHS.setdefault(tower, SelectiveGraphs())
+    handle = CacherHandle(tower, config, state, graphs)
     if qwen:
         name = _forward_attribute(tower)
         handle._replace(tower, name, qwen2_vl.make_tower_forward(getattr(tower, name), state))
@@ -180,8 +193,40 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
             forward = qwen2_vl.make_block_forward(layer, i, state, graphs)
         else:
             returns_tuple = "output_attentions" in inspect.signature(getattr(layer, name)).parameters  # 4.x layers
-            forward = _make_forward(HFViTLayerOps(layer, PREFIX_TOKENS[kind]), i, state, graphs, returns_tuple)
+            ops = HFViTLayerOps(layer, PREFIX_TOKENS[kind])
+            forward = _make_forward(ops, i, state, graphs, _weights_key(layer) if graphs is not None else (), returns_tuple)
         handle._replace(layer, name, forward)
+    handle._install()
+    return handle
+
+
+def attach_batched_attention(model: nn.Module) -> PatchHandle:
+    """Run a Qwen2-VL vision tower's attention as one batched SDPA over its temporal groups.
+
+    transformers' non-flash Qwen2-VL vision attention runs one SDPA per temporal group after a
+    host sync on the group lengths; STC-Cacher's forwards run all groups of a call as one batch.
+    The math is the same (attention never crosses a group); the kernels differ. A benchmark that
+    compares the cacher with an unpatched tower would count that kernel change as STC's saving,
+    so its baseline attaches this: the layer forward STC-Cacher runs on refresh frames, with no
+    streaming state. Returns a handle whose ``detach()`` restores the tower exactly; attaching
+    the cacher afterwards replaces it (one patch per tower at a time). CLIP and SigLIP towers
+    already batch their attention and are refused.
+    """
+    tower, layers, kind = find_vision_layers(model)
+    if kind != qwen2_vl.BLOCK_CLASS:
+        raise UnsupportedModelError(
+            f"{type(tower).__name__}: batched attention is for Qwen2-VL vision towers; {kind} layers already "
+            "run one attention call per batch"
+        )
+    existing = tower.__dict__.get(HANDLE_ATTRIBUTE)
+    if existing is not None:
+        existing.detach()
+    handle = PatchHandle(tower)
+    shape = qwen2_vl.CallShape()
+    name = _forward_attribute(tower)
+    handle._replace(tower, name, qwen2_vl.make_tower_forward(getattr(tower, name), shape))
+    for layer in layers:
+        handle._replace(layer, _forward_attribute(layer), qwen2_vl.make_batched_block_forward(layer, shape))
     handle._install()
     return handle
 
@@ -198,6 +243,16 @@ def detach_cacher(model: nn.Module) -> nn.Module:
     if handle is not None:
         handle.detach()
     return model
+
+
+@contextlib.contextmanager
+def batched_attention(model: nn.Module) -> Iterator[PatchHandle]:
+    """``with batched_attention(qwen2_vl_tower):`` ``attach_batched_attention`` for the block."""
+    handle = attach_batched_attention(model)
+    try:
+        yield handle
+    finally:
+        handle.detach()
 
 
 @contextlib.contextmanager

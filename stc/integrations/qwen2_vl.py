@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stc.cacher.block import full_forward
 from stc.cacher.state import CacherState
 from stc.cacher.stream import cached_layer_forward
 from stc.errors import STCError
@@ -57,7 +58,8 @@ class Qwen2VLBlockOps:
         self._bq, self._bk, self._bv = b[:width], b[width : 2 * width], b[2 * width :]
         self._proj = attn.proj
         self._heads = attn.num_heads
-        self._scale = attn.scaling
+        # ``scaling`` exists from transformers 4.53; before, the attention used head_dim ** -0.5.
+        self._scale = getattr(attn, "scaling", (width // attn.num_heads) ** -0.5)
         self._cos, self._sin = cos, sin
 
     def query(self, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -87,21 +89,47 @@ class Qwen2VLBlockOps:
         return self._proj(out.transpose(1, 2).reshape(batch, m, width))
 
 
-def make_tower_forward(original, state: CacherState):
-    """Wrap the tower's forward to record the call's (t, h, w) grid before the blocks run."""
+class CallShape:
+    """(groups, tokens per group) of the tower call in progress, set by the tower's patched
+    forward for its blocks, which see one flat sequence. ``CacherState`` plays this role for
+    the cacher."""
+
+    call_shape: tuple[int, int] | None = None
+
+
+def make_tower_forward(original, shape: CallShape | CacherState):
+    """Wrap the tower's forward to record the call's (groups, tokens per group) before the blocks run.
+
+    The grid is read on the host: callers that time the tower keep ``grid_thw`` on the CPU (as
+    transformers' processors return it), so reading it costs no device sync.
+    """
 
     def forward(hidden_states: torch.Tensor, grid_thw: torch.Tensor, *args, **kwargs):
-        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]  # transformers syncs on it too
+        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         if len({(h, w) for _, h, w in grid}) != 1:
             raise STCError(
                 f"STC-Cacher streams one video at a time; this call mixes grids {grid}: "
                 "call the tower once per video (or detach the cacher for mixed batches)"
             )
-        state.call_shape = (sum(t for t, _, _ in grid), grid[0][1] * grid[0][2])
+        shape.call_shape = (sum(t for t, _, _ in grid), grid[0][1] * grid[0][2])
         return original(hidden_states, grid_thw, *args, **kwargs)
 
-    forward.__doc__ = "STC-Cacher: records the (groups, tokens per group) of the call, then runs the tower."
+    forward.__doc__ = "STC: records the (groups, tokens per group) of the call, then runs the tower."
     return forward
+
+
+def _block_ops(block: nn.Module, shape: CallShape | CacherState, hidden_states: torch.Tensor, rotary_pos_emb,
+               position_embeddings) -> tuple[Qwen2VLBlockOps, torch.Tensor]:
+    """The block's ops for this call and its flat input viewed as (groups, n, C)."""
+    if position_embeddings is None:
+        if rotary_pos_emb is None:
+            raise STCError("Qwen2-VL block called without rotary embeddings; unsupported transformers version")
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # what 4.4x towers compute
+        position_embeddings = (emb.cos(), emb.sin())
+    groups, tokens = shape.call_shape
+    cos, sin = position_embeddings                                              # (groups*n, hd)
+    ops = Qwen2VLBlockOps(block, cos[:tokens], sin[:tokens])                  # every group has the same positions
+    return ops, hidden_states.view(groups, tokens, hidden_states.shape[-1])     # (groups, n, C)
 
 
 def make_block_forward(block: nn.Module, layer_index: int, state: CacherState, graphs):
@@ -109,15 +137,7 @@ def make_block_forward(block: nn.Module, layer_index: int, state: CacherState, g
 
     def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, rotary_pos_emb=None,
                 position_embeddings=None, **kwargs):
-        if position_embeddings is None:
-            if rotary_pos_emb is None:
-                raise STCError("Qwen2-VL block called without rotary embeddings; unsupported transformers version")
-            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # what 4.4x towers compute
-            position_embeddings = (emb.cos(), emb.sin())
-        groups, tokens = state.call_shape
-        cos, sin = position_embeddings                                          # (groups*n, hd)
-        ops = Qwen2VLBlockOps(block, cos[:tokens], sin[:tokens])              # every group has the same positions
-        x = hidden_states.view(groups, tokens, hidden_states.shape[-1])         # (groups, n, C)
+        ops, x = _block_ops(block, state, hidden_states, rotary_pos_emb, position_embeddings)
         return cached_layer_forward(ops, x, layer_index, state, graphs).reshape(hidden_states.shape)
 
     forward.__doc__ = f"""STC-Cacher forward of Qwen2-VL vision block {layer_index}, mirroring
@@ -129,4 +149,20 @@ def make_block_forward(block: nn.Module, layer_index: int, state: CacherState, g
     - q/k/v come from slices of the fused qkv weight; rotary tables are gathered per token;
     - attention runs per group through ``F.scaled_dot_product_attention``.
     """
+    return forward
+
+
+def make_batched_block_forward(block: nn.Module, shape: CallShape):
+    """The unmodified block, computed as STC-Cacher computes a refresh frame: all temporal groups
+    of the call in one batch (one SDPA, no host sync), and nothing stored."""
+
+    def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, rotary_pos_emb=None,
+                position_embeddings=None, **kwargs):
+        ops, x = _block_ops(block, shape, hidden_states, rotary_pos_emb, position_embeddings)
+        y, _ = full_forward(ops, x)                                             # (groups, n, C)
+        return y.reshape(hidden_states.shape)
+
+    forward.__doc__ = """Batched forward of a Qwen2-VL vision block, mirroring ``Qwen2VLVisionBlock.forward``
+    (transformers 4.45 to 5.x): the same math, with q/k/v from slices of the fused qkv weight and
+    one ``F.scaled_dot_product_attention`` over all temporal groups of the call."""
     return forward

@@ -138,3 +138,53 @@ def test_cuda_graph_option_runs_eager_with_a_warning(caplog):
         with stc.cacher_attached(TOWER, CacherConfig(cuda_graph=True)):
             graphed = encode(frames)
     assert torch.equal(eager, graphed) and "not available for Qwen2-VL towers yet" in caplog.text
+
+
+def test_batched_attention_reproduces_the_tower_and_detaches_exactly():
+    """The baseline patch stc-bench uses for like-for-like kernels: same outputs, one SDPA per
+    block for all groups of a call (transformers' sdpa path runs one per group)."""
+    from stc.integrations import attach_batched_attention, batched_attention
+
+    frames = clip(6)
+    baseline = encode(frames)
+    before = {name: dict(m.__dict__) for name, m in TOWER.named_modules()}
+    with batched_attention(TOWER):
+        with count_sdpa() as calls:
+            patched = encode(frames)
+    assert (patched - baseline).abs().max() <= TOL
+    assert calls["n"] == len(TOWER.blocks)  # 3 groups, one attention call per block
+    assert {name: dict(m.__dict__) for name, m in TOWER.named_modules()} == before
+    handle = attach_batched_attention(TOWER)
+    with stc.cacher_attached(TOWER, CacherConfig(cache_interval=1)):  # one patch at a time: the cacher replaces it
+        assert TOWER._stc_handle is not handle and not handle.attached
+    assert "_stc_handle" not in TOWER.__dict__
+
+
+def test_batched_attention_refuses_towers_that_already_batch():
+    from stc.integrations import attach_batched_attention
+    from tests.conftest import build_tiny_tower
+
+    with pytest.raises(stc.UnsupportedModelError, match="batched attention is for Qwen2-VL vision towers"):
+        attach_batched_attention(build_tiny_tower("siglip"))
+
+
+def count_sdpa():
+    """Count calls of torch's SDPA op while the context is open."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = {"n": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func.overloadpacket):
+                calls["n"] += 1
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def counting():
+        with Counter():
+            yield calls
+
+    return counting()
