@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stc_bench.env import environment_rows
 from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, memory_line, sweep_headers, sweep_rows
 from stc_bench.report.terminal import header_lines
 from stc_bench.results import RunResult
@@ -56,7 +57,7 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
     if plots:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     parts += ["", "## Caveats", ""] + [f"- {line}" for line in caveats(result)]
-    parts += ["", "## Environment", "", _table(["key", "value"], [[k, f"`{v}`"] for k, v in env.items()])]
+    parts += ["", "## Environment", "", _table(["key", "value"], [[k, f"`{v}`"] for k, v in environment_rows(env)])]
     arch = result.run.get("architecture", {})
     if arch:
         parts += ["", "## Architecture", "", _table(["part", "shape"], [[k, str(v)] for k, v in arch.items()])]
