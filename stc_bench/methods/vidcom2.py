@@ -1,0 +1,135 @@
+"""VidCom² (Liu et al., EMNLP 2025) as pure tensor functions: keep, in every frame, the tokens
+least like the video and the frame, and give more tokens to the frames least like the video.
+
+Follows xuyang-liu16/VidCom2 ``token_compressor/vidcom2/vidcom2.py`` (``vidcom2_compression``),
+on projected visual tokens (T, n, C) (LLaVA-OV: after 2x2 pooling, n = 196):
+
+1. score on the 50 % of channels with the lowest variance over all tokens
+   (``select_low_var_channels``, upstream default ratio 0.5), L2-normalised;
+2. video centre = mean of all normalised tokens, frame centre = mean of the frame's;
+   ``g(x, c) = sum over alpha in {1/8, 1/4, 1/2, 1, 2} of exp(-|x - c|^2 / (2 alpha))``
+   (upstream ``alphas = 2**k for k in -3..1``);
+3. frame uniqueness ``u_t = -mean_i g(x_ti, video centre)``; ``p = softmax((u - max u) / 0.01)``
+   (upstream ``compute_scales``, temperature 0.01); frame t's share of the tokens is
+   ``base * (1 + p_t - mean p)``, at most all of them;
+4. keep in frame t the ``k_t`` tokens with the lowest ``g(x, video centre) + g(x, frame centre)``,
+   in position order, at full channel width.
+
+Differences from upstream, each for like-for-like budgets:
+
+- the knob is ``tokens_per_frame`` (STC's pruner budget); ``base = tokens_per_frame / n``
+  (upstream ``base_scale``, default 0.25);
+- per-frame budgets are apportioned by largest remainder so they sum to exactly
+  ``T * tokens_per_frame`` with each in [1, n]; upstream rounds each frame on its own
+  (``round(scale * n)``, at least 1) after capping the share at 1, so its total drifts;
+- ties go to the lower index; scoring runs in float32.
+
+Streaming (``compress_stream_call``, causal, one call per chunk of frames): see its docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stc.pruner.scoring import gaussian_similarity, low_variance_channels
+
+GAUSSIAN_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)
+"""Bandwidths alpha of the multi-scale Gaussian similarity (upstream default)."""
+CHANNEL_KEEP_RATIO = 0.5
+"""Share of lowest-variance channels used for scoring (upstream default)."""
+TEMPERATURE = 0.01
+"""Softmax temperature of the frame-uniqueness budget (upstream default)."""
+
+
+@dataclass(frozen=True)
+class VidCom2Tokens:
+    """The kept tokens of a call, flat and frame by frame: ``tokens`` (K, C), ``frames`` (K,)
+    and ``indices`` (K,) (frame and position of each, positions ascending within a frame), and
+    ``budgets`` (T,), the tokens kept per frame (K = budgets.sum())."""
+
+    tokens: torch.Tensor
+    frames: torch.Tensor
+    indices: torch.Tensor
+    budgets: torch.Tensor
+
+
+@dataclass(frozen=True)
+class VidCom2StreamState:
+    """What a stream remembers between calls: the scoring ``channels`` (c,), fixed by the first
+    call, and the float32 sum (c,) and count of every normalised token seen so far."""
+
+    channels: torch.Tensor
+    unit_sum: torch.Tensor
+    token_count: int
+
+
+def frame_budgets(uniqueness: torch.Tensor, tokens_per_frame: int, num_tokens: int,
+                  temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Tokens to keep per frame from frame uniqueness (T,): each in [1, num_tokens], summing to
+    exactly ``T * min(tokens_per_frame, num_tokens)``.
+
+    Quotas ``n * min(1, base * (1 + p_t - mean p))`` with ``p = softmax((u - max u) / temperature)``
+    and ``base = tokens_per_frame / n``; each frame gets its quota rounded down (at least 1),
+    then single tokens go to the largest remainders (or come from the smallest) until the total
+    is exact; ties go to the lower frame index. Returns int64 (T,) on uniqueness's device.
+    """
+    if tokens_per_frame < 1:
+        raise ValueError(f"tokens_per_frame={tokens_per_frame} must be >= 1")
+    frames, per_frame = uniqueness.shape[0], min(tokens_per_frame, num_tokens)
+    u = uniqueness.detach().double().cpu()                                       # (T,) a handful of scalars
+    p = torch.softmax((u - u.max()) / temperature, dim=0)
+    quota = (per_frame / num_tokens * (1 + p - p.mean())).clamp(max=1.0) * num_tokens
+    budgets = quota.floor().clamp(1, num_tokens)
+    missing = frames * per_frame - int(budgets.sum())
+    while missing != 0:                                                          # each pass moves >= 1 token
+        room = budgets < num_tokens if missing > 0 else budgets > 1
+        remainder = torch.where(room, quota - budgets, torch.inf if missing < 0 else -torch.inf)
+        order = torch.sort(remainder, descending=missing > 0, stable=True).indices[: min(abs(missing), int(room.sum()))]
+        budgets[order] += 1 if missing > 0 else -1
+        missing -= len(order) if missing > 0 else -len(order)
+    return budgets.long().to(uniqueness.device)
+
+
+def keep_lowest(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame t, the ``budgets[t]`` tokens of lowest score, ties to the lower index: scores
+    (T, n), budgets (T,) -> (frames, positions), each (K,), frame by frame, positions ascending."""
+    frames, num_tokens = scores.shape
+    order = torch.sort(scores, dim=-1, stable=True).indices                      # (T, n) lowest first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=scores.device).expand(frames, -1))
+    return (rank < budgets.unsqueeze(-1)).nonzero(as_tuple=True)                 # row-major: frame, then position
+
+
+def compress_stream_call(features: torch.Tensor, tokens_per_frame: int,
+                         state: VidCom2StreamState | None = None) -> tuple[VidCom2Tokens, VidCom2StreamState]:
+    """VidCom² on one call of a stream, features (T, n, C), using only this call and the past.
+
+    The video centre is the running mean of every normalised token seen so far, this call's
+    included: ``(sum of past tokens + sum of this call's) / (past count + T * n)``. The scoring
+    channels are chosen by the first call (``state=None``) and kept, because a running mean of
+    normalised tokens is only defined on a fixed channel subset. The call's ``T * tokens_per_frame``
+    tokens are shared among its frames; with one frame per call each frame keeps exactly
+    ``tokens_per_frame``. A single call over a whole video equals ``compress_video``.
+    Returns the kept tokens and the state for the next call.
+    """
+    frames, num_tokens, channels = features.shape
+    if state is None:
+        subset = low_variance_channels(features, CHANNEL_KEEP_RATIO)             # (c,)
+        state = VidCom2StreamState(subset, torch.zeros(subset.shape[0], device=features.device), 0)
+    unit = F.normalize(features.float().index_select(-1, state.channels), dim=-1)   # (T, n, c)
+    state = VidCom2StreamState(state.channels, state.unit_sum + unit.sum(dim=(0, 1)), state.token_count + frames * num_tokens)
+    video_centre = state.unit_sum / state.token_count                            # (c,)
+    frame_centre = unit.mean(dim=1, keepdim=True)                                # (T, 1, c)
+    to_video = gaussian_similarity(unit, video_centre, GAUSSIAN_SCALES)          # (T, n)
+    to_frame = gaussian_similarity(unit, frame_centre, GAUSSIAN_SCALES)          # (T, n)
+    budgets = frame_budgets(-to_video.mean(dim=-1), tokens_per_frame, num_tokens)
+    frame_of, position = keep_lowest(to_video + to_frame, budgets)
+    return VidCom2Tokens(features[frame_of, position], frame_of, position, budgets), state
+
+
+def compress_video(features: torch.Tensor, tokens_per_frame: int) -> VidCom2Tokens:
+    """VidCom² over a whole video, features (T, n, C), as upstream (offline: every frame's
+    budget and scores see the whole video)."""
+    return compress_stream_call(features, tokens_per_frame)[0]

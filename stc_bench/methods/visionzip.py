@@ -1,0 +1,109 @@
+"""VisionZip (Yang et al., CVPR 2025) as pure tensor functions: per frame, keep the dominant
+tokens (those the selection layer attends to most) and fold the rest into a few contextual
+tokens by key similarity.
+
+Follows dvlab-research/VisionZip ``CLIPVisionTower_VisionZip.forward`` (``visionzip/clip_encoder.py``)
+with its keys from ``CLIPAttention_forward`` (``visionzip/utils.py``: keys averaged over heads):
+
+- dominant: with a CLS token, the CLS token plus the ``dominant - 1`` patch tokens with the most
+  CLS attention, summed over heads (upstream ``visionzip(model, dominant, contextual)`` passes
+  ``dominant - 1`` on, so ``dominant`` counts the CLS token and ``dominant + contextual`` is the
+  budget); without a CLS token (SigLIP), the ``dominant`` tokens that receive the most attention,
+  averaged over heads and queries. The upstream repository has no SigLIP path; this is the
+  score the published LLaVA-OneVision adaptations use (e.g. HoliTom's and DyToK's SigLIP patches);
+- contextual: the remaining tokens, in position order, give ``contextual`` targets at the stride
+  ``max(1, remaining // contextual)``; every other remaining token joins its most similar target
+  (cosine of the keys), and a contextual token is ``target + mean(tokens that joined it)``, the
+  mean taken as zero when none joined. That is upstream's code and frameworks.md's formula; it
+  is not the plain average of the group (a refactor, Fanziyang-v/VisionZip, changed it to that);
+- which layer: the caller's choice. Upstream reads attention, keys and hidden states of the
+  penultimate CLIP layer (``attentions[-2]``, ``hidden_states[-2]``, ``layers[-2]``), where
+  LLaVA-1.5 reads its features; the SigLIP adaptations read the last layer, where LLaVA-OV does.
+
+Differences: ties go to the lower index (upstream ``topk`` leaves them unspecified); similarity
+and averaging run in float32 and the result is cast back to the hidden states' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CONTEXTUAL_SHARE = 10 / 64
+"""Contextual tokens per budget token: upstream's LLaVA-1.5 settings 54+10, 108+20 and 162+30
+for 64, 128 and 192 tokens all keep this ratio."""
+
+
+@dataclass(frozen=True)
+class VisionZipTokens:
+    """Per frame, the dominant tokens (in position order) then the contextual tokens: ``tokens``
+    (B, dominant + contextual, C); ``dominant`` (B, D) their ascending indices into the input
+    (CLS at 0 where there is one); ``contextual`` (B, C') the target token each contextual
+    token is built on, ascending."""
+
+    tokens: torch.Tensor
+    dominant: torch.Tensor
+    contextual: torch.Tensor
+
+
+def split_budget(budget: int) -> tuple[int, int]:
+    """``(dominant, contextual)`` with ``dominant + contextual == budget`` and ``contextual =
+    round(budget * 10 / 64)`` (halves up): 64 -> (54, 10), 128 -> (108, 20), 196 -> (165, 31)."""
+    if budget < 1:
+        raise ValueError(f"budget={budget} must be >= 1")
+    contextual = int(budget * CONTEXTUAL_SHARE + 0.5)
+    return budget - contextual, contextual
+
+
+def class_attention(attention: torch.Tensor) -> torch.Tensor:
+    """Importance from the CLS query (token 0), summed over heads: attention probabilities
+    (B, heads, n, n) -> (B, n). Entry 0 (CLS to itself) is unused: CLS is always kept."""
+    return attention[:, :, 0, :].float().sum(dim=1)                              # (B, n)
+
+
+def attention_received(attention: torch.Tensor) -> torch.Tensor:
+    """Importance without a CLS token: the attention each token receives, averaged over heads
+    and queries. Attention probabilities (B, heads, n, n) -> (B, n)."""
+    return attention.float().mean(dim=(1, 2))                                    # (B, n)
+
+
+def compress(hidden: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int,
+             class_token: bool = False) -> VisionZipTokens:
+    """Keep ``dominant`` tokens and build ``contextual`` tokens from the rest, per frame.
+
+    hidden (B, n, C): the selection layer's hidden states; importance (B, n): ``class_attention``
+    or ``attention_received`` of that layer; keys (B, n, c): its keys averaged over heads. With
+    ``class_token`` token 0 is CLS and always one of the dominant tokens.
+    """
+    batch, num_tokens, channels = hidden.shape
+    if dominant < int(class_token) or contextual < 0 or dominant + contextual > num_tokens:
+        raise ValueError(f"dominant={dominant}, contextual={contextual} do not fit {num_tokens} tokens"
+                         + (" with a CLS token (dominant >= 1)" if class_token else ""))
+    score = importance.float().clone()                                          # (B, n)
+    if class_token:
+        score[:, 0] = torch.inf
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices     # (B, n) most attended first
+    chosen = torch.sort(order[:, :dominant], dim=-1).values                     # (B, D)
+    is_chosen = torch.zeros_like(score, dtype=torch.int8).scatter_(1, chosen, 1)
+    rest = torch.sort(is_chosen, dim=-1, stable=True).indices[:, : num_tokens - dominant]   # (B, R) ascending
+    kept = hidden.gather(1, chosen.unsqueeze(-1).expand(-1, -1, channels))      # (B, D, C)
+    if contextual == 0:
+        return VisionZipTokens(kept, chosen, rest[:, :0])
+    remaining = rest.shape[1]
+    step = max(1, remaining // contextual)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=hidden.device)
+    is_target[torch.arange(0, remaining, step, device=hidden.device)[:contextual]] = True
+    targets, others = rest[:, is_target], rest[:, ~is_target]                   # (B, Cc), (B, R - Cc)
+    unit = F.normalize(keys.float(), dim=-1)                                    # (B, n, c)
+    unit_targets = unit.gather(1, targets.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+    unit_others = unit.gather(1, others.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+    joins = (unit_others @ unit_targets.transpose(1, 2)).argmax(dim=-1)         # (B, R - Cc): first maximum wins ties
+    assignment = F.one_hot(joins, contextual).float()                           # (B, R - Cc, Cc)
+    members = hidden.gather(1, others.unsqueeze(-1).expand(-1, -1, channels)).float()
+    count = assignment.sum(dim=1).clamp(min=1).unsqueeze(-1)                    # (B, Cc, 1)
+    folded = assignment.transpose(1, 2) @ members / count                       # (B, Cc, C) mean of each group
+    anchors = hidden.gather(1, targets.unsqueeze(-1).expand(-1, -1, channels)).float()
+    tokens = torch.cat([kept, (anchors + folded).to(hidden.dtype)], dim=1)      # (B, D + Cc, C)
+    return VisionZipTokens(tokens, chosen, targets)
