@@ -272,18 +272,22 @@ def compare_command(
     new: Annotated[Path, typer.Argument(help="The run to check: a results.json or a run folder.")],
     fail_on: Annotated[list[str], typer.Option("--fail-on", help="Fail when a latency grows: [STAGE:]STAT:PCT, STAT median or min, e.g. median:5% or prefill:median:10%. Repeatable.")] = ["median:5%"],  # noqa: B006
     expect_reduction: Annotated[list[str], typer.Option("--expect-reduction", help="Require STC's reduction in NEW: STAGE:PCT, e.g. vit:20% (the lower end of its 95% interval must clear it). Repeatable.")] = [],  # noqa: B006
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs from different devices, scales or dtypes anyway.")] = False,
+    max_reduction_drop: Annotated[list[str], typer.Option("--max-reduction-drop", help="Fail when STC's reduction of a stage in NEW falls more than POINTS percentage points below its reduction in BASE: STAGE:POINTS, e.g. prefill:5 (regression when NEW's 95% interval lies wholly below BASE's median reduction minus POINTS, inconclusive when it straddles). Repeatable.")] = [],  # noqa: B006
+    expectations: Annotated[Optional[Path], typer.Option(help="JSON file of per-GPU reduction expectations (e.g. speed_benchmark/gpu_expectations.json): the entry for NEW's GPU model and framework adds its --expect-reduction gates; without an entry, none.")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs from different devices, scales, dtypes, torch versions or driver major versions anyway.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the summary as Markdown here (e.g. $GITHUB_STEP_SUMMARY; appended).")] = None,
 ) -> None:
-    """Compare NEW against BASE per stage, arm and point; exit 0 ok, 1 regression, 2 usage error,
-    3 inconclusive (intervals too wide or too few samples)."""
+    """Compare NEW against BASE per stage, arm and point; exit 0 ok, 1 regression, 2 usage error
+    (or runs not comparable), 3 inconclusive (intervals too wide or too few samples)."""
     from rich.table import Table
 
     from stc_bench.compare import (
         EXIT_CODES,
         check_compatible,
         compare_runs,
+        expected_reductions,
         overall,
+        parse_reduction_drop_gate,
         parse_reduction_gate,
         parse_slowdown_gate,
         render_markdown,
@@ -294,9 +298,14 @@ def compare_command(
     try:
         slowdowns = [parse_slowdown_gate(g) for g in fail_on]
         reductions = [parse_reduction_gate(g) for g in expect_reduction]
+        drops = [parse_reduction_drop_gate(g) for g in max_reduction_drop]
         base_run, new_run = load_results(base), load_results(new)
         warnings = check_compatible(base_run, new_run, allow_mismatch)
-        checks = compare_runs(base_run, new_run, slowdowns, reductions)
+        if expectations is not None:
+            expected, note = expected_reductions(expectations, new_run)
+            reductions += expected
+            warnings += [note] if note else []
+        checks = compare_runs(base_run, new_run, slowdowns, reductions, drops)
     except BenchUsageError as err:
         raise fail(str(err)) from None
     verdict = overall(checks)
@@ -342,16 +351,56 @@ def report_command(
 
 @app.command("env")
 def env_command() -> None:
-    """Print the environment block that every result records (versions, device, threads, commit)."""
+    """Print the environment block that every result records (versions, device, driver, clocks,
+    torch's kernel switches, CUDA variables, commit); nested blocks print as dotted keys."""
     from rich.table import Table
 
     from stc_bench.device import resolve_device
-    from stc_bench.env import capture_environment
+    from stc_bench.env import capture_environment, environment_rows
 
     table = Table(show_header=False, box=None)
-    for key, value in capture_environment(resolve_device("auto")).items():
-        table.add_row(key, str(value))
+    for key, value in environment_rows(capture_environment(resolve_device("auto"))):
+        table.add_row(key, value)
     console.print(table)
+
+
+@app.command("doctor")
+def doctor_command(
+    gpu: GpuOpt = None,
+    device: DeviceOpt = "auto",
+    scale: Annotated[str, typer.Option(help="Scale of the null-arm and launch-bound checks: auto (full on CUDA, small on CPU), full, small or tiny.")] = "auto",
+) -> None:
+    """Self-check of the measurement path: timer vs wall clock, no host syncs inside timed spans,
+    CUDA-graph capture and replay, full fp16 builds, the null arm (--interval 1 measures ~0), and
+    spans vs wall time per pass. Prints PASS/FAIL/SKIP/INFO per check; exits 1 on any FAIL.
+    Without CUDA it runs the CPU subset and says which GPU checks it skipped."""
+    from rich.table import Table
+
+    from stc_bench.device import resolve_device
+    from stc_bench.doctor import FAIL, run_checks
+    from stc_bench.errors import BenchUsageError
+
+    _setup_logging()
+    if scale not in SCALES:
+        raise fail(f"--scale {scale}: must be one of {', '.join(SCALES)}")
+    try:
+        chosen = resolve_device(f"cuda:{gpu}" if gpu is not None else device)
+    except BenchUsageError as err:
+        raise fail(str(err)) from None
+    colour = {"PASS": "green", "FAIL": "red", "SKIP": "yellow", "INFO": "cyan"}
+    table = Table("check", "result", "figure", title=f"stc-bench doctor on {chosen.label} ({chosen.name})",
+                  title_justify="left")
+    results = []
+    with err_console.status("starting") as status:
+        for result in run_checks(chosen, scale, on_check=lambda label: status.update(f"checking: {label}")):
+            results.append(result)
+            err_console.print(f"{result.status} {result.name}: {result.figure}", highlight=False, markup=False)
+    for r in results:
+        table.add_row(r.name, f"[{colour[r.status]}]{r.status}[/]", r.figure)
+    console.print(table)
+    failed = [r for r in results if r.status == FAIL]
+    if failed:
+        raise fail(f"{len(failed)} of {len(results)} checks failed: {', '.join(r.name for r in failed)}", RUN_FAILED)
 
 
 @app.command("list")

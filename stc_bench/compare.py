@@ -2,22 +2,25 @@
 
 For every stage, arm and point present in both runs: the medians, the relative change
 ``new / base - 1`` with a bootstrap 95% interval (the runs are independent, so each is
-resampled on its own), and a verdict against ``--fail-on`` gates. ``--expect-reduction``
-gates STC's own reduction inside NEW (the lower end of its paired interval must clear the
-bar). Token counts must match exactly. Verdicts: ok, regression, inconclusive (the interval
-straddles the gate or too few samples).
+resampled on its own), and a verdict against ``--fail-on`` gates. ``--max-reduction-drop``
+gates STC's reduction in NEW against the same reduction in BASE (same GPU, previous run), and
+``--expect-reduction`` (or the entry for NEW's GPU in an ``--expectations`` file) against an
+absolute bar. Token counts must match exactly. Verdicts: ok, regression, inconclusive (the
+interval straddles the gate or too few samples).
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from stc_bench.errors import BenchUsageError
-from stc_bench.measurement import BOOTSTRAP_RESAMPLES, Measurement
+from stc_bench.measurement import BOOTSTRAP_RESAMPLES, Measurement, Reduction
 from stc_bench.results import RunResult
 
 MIN_SAMPLES = 5
@@ -46,10 +49,28 @@ class SlowdownGate:
 
 @dataclass(frozen=True)
 class ReductionGate:
-    """``STAGE:PCT``: STC's reduction of STAGE in NEW must be at least PCT (interval lower end)."""
+    """``STAGE:PCT``: STC's reduction of STAGE in NEW must be at least PCT (interval lower end).
+    ``origin`` names where the gate came from, for error messages."""
 
     stage: str
     minimum: float
+    origin: str = "--expect-reduction"
+
+
+@dataclass(frozen=True)
+class ReductionDropGate:
+    """``STAGE:POINTS``: STC's reduction of STAGE in NEW may fall at most ``allowance`` (a fraction:
+    5 points = 0.05) below the same reduction in BASE.
+
+    With BASE's median reduction ``b`` and NEW's paired 95% interval ``[low, high]``, the floor is
+    ``b - allowance``: regression when ``high < floor`` (NEW is surely below it), ok when
+    ``low >= floor``, inconclusive when the interval straddles the floor or either run has fewer
+    than ``MIN_SAMPLES`` pairs. BASE's median is taken as the reference value: its own
+    uncertainty is covered by the allowance.
+    """
+
+    stage: str
+    allowance: float
 
 
 def _percent(text: str, spec: str) -> float:
@@ -73,12 +94,72 @@ def parse_slowdown_gate(spec: str) -> SlowdownGate:
     return SlowdownGate(stage, stat, _percent(pct, spec))
 
 
-def parse_reduction_gate(spec: str) -> ReductionGate:
-    """Parse ``vit:20%``."""
+def parse_reduction_gate(spec: str, origin: str = "--expect-reduction") -> ReductionGate:
+    """Parse ``vit:20%``; ``origin`` (the option or file it came from) prefixes error messages."""
     stage, sep, pct = spec.partition(":")
     if not sep or not stage:
-        raise BenchUsageError(f"--expect-reduction {spec!r}: write STAGE:PCT, e.g. vit:20%")
-    return ReductionGate(stage, _percent(pct, spec))
+        raise BenchUsageError(f"{origin} {spec!r}: write STAGE:PCT, e.g. vit:20%")
+    try:
+        minimum = _percent(pct, spec)
+    except BenchUsageError as err:
+        raise BenchUsageError(f"{origin} {err}") from None
+    return ReductionGate(stage, minimum, origin)
+
+
+def parse_reduction_drop_gate(spec: str) -> ReductionDropGate:
+    """Parse ``prefill:5`` (also ``prefill:5pp`` or ``prefill:5%``): at most 5 percentage points below BASE."""
+    stage, sep, points = spec.partition(":")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:pp|%)?", points.strip())
+    if not sep or not stage or not match:
+        raise BenchUsageError(f"--max-reduction-drop {spec!r}: write STAGE:POINTS with POINTS >= 0 percentage points, "
+                              "e.g. prefill:5")
+    return ReductionDropGate(stage, float(match.group(1)) / 100.0)
+
+
+class ExpectationsError(BenchUsageError):
+    """The ``--expectations`` file cannot be used; the message says what to fix."""
+
+
+def load_expectations(path: Path) -> dict[str, dict[str, list[ReductionGate]]]:
+    """Read a per-GPU expectations file: ``{"gpus": {GPU model: {framework: ["STAGE:PCT", ...]}}}``.
+
+    The GPU model is the ``device_name`` a result records (``torch.cuda.get_device_name``, e.g.
+    ``"NVIDIA H100 80GB HBM3"``), matched exactly. Top-level keys starting with ``_`` are
+    comments. JSON, not TOML, because ``tomllib`` needs Python 3.11 and stc supports 3.10.
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExpectationsError(f"--expectations {path}: cannot read ({err.strerror}); pass an existing file") from None
+    except json.JSONDecodeError as err:
+        raise ExpectationsError(f"--expectations {path}: not valid JSON (line {err.lineno}: {err.msg}); fix the file") from None
+    unknown = [k for k in document if k != "gpus" and not k.startswith("_")] if isinstance(document, dict) else []
+    if not isinstance(document, dict) or not isinstance(document.get("gpus"), dict) or unknown:
+        extra = f" (unknown key {unknown[0]!r}; comments start with _)" if unknown else ""
+        raise ExpectationsError(f'--expectations {path}: write {{"gpus": {{"<GPU model>": {{"<framework>": '
+                                f'["STAGE:PCT", ...]}}}}}}{extra}')
+    table: dict[str, dict[str, list[ReductionGate]]] = {}
+    for gpu, frameworks in document["gpus"].items():
+        if not isinstance(frameworks, dict):
+            raise ExpectationsError(f'--expectations {path}: "{gpu}" must map framework names to lists, e.g. {{"rekv": ["vit:15%"]}}')
+        table[gpu] = {}
+        for framework, specs in frameworks.items():
+            origin = f"--expectations {path} ({gpu}, {framework})"
+            if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                raise ExpectationsError(f'{origin}: write a list of "STAGE:PCT" strings, e.g. ["vit:15%"]')
+            table[gpu][framework] = [parse_reduction_gate(s, origin) for s in specs]
+    return table
+
+
+def expected_reductions(path: Path, new: RunResult) -> tuple[list[ReductionGate], str | None]:
+    """The reduction gates an expectations file sets for NEW's GPU model and framework, and a note
+    to print when it sets none (absolute gates are GPU-specific: no entry, no gate)."""
+    table = load_expectations(path)
+    gpu, framework = new.environment.get("device_name"), new.config.framework
+    gates = table.get(gpu, {}).get(framework) if gpu is not None else None
+    if gates is None:
+        return [], f"{path} has no expectations for {framework} on {gpu!r}: no absolute reduction gate"
+    return gates, None
 
 
 @dataclass(frozen=True)
@@ -105,19 +186,41 @@ def relative_change(base: Measurement, new: Measurement, stat: str, seed: int = 
     return change, float(low), float(high)
 
 
+def driver_major(version: str | None) -> str | None:
+    """``"550.54.15"`` -> ``"550"``; None stays None."""
+    return None if version is None else str(version).split(".")[0]
+
+
+def _facts(result: RunResult) -> dict[str, str | None]:
+    """What must agree for latencies to be comparable: device (the GPU or CPU model), scale, dtype,
+    torch and, for CUDA runs, the driver's major version."""
+    env = result.environment
+    facts = {"device": env.get("device_name"), "scale": result.run.get("scale"), "dtype": result.run.get("dtype"),
+             "torch": env.get("torch")}
+    if str(env.get("device", "")).startswith("cuda"):
+        facts["driver major"] = driver_major(env.get("driver_version"))
+    return facts
+
+
 def check_compatible(base: RunResult, new: RunResult, allow_mismatch: bool) -> list[str]:
-    """Reasons the runs should not be compared (framework always; device and scale unless allowed)."""
-    problems = []
+    """Refuse runs that should not be compared: another framework always; another device, scale,
+    dtype, torch or driver major version unless ``allow_mismatch``. Returns the warnings to print:
+    the mismatches allowed, and facts one run did not record (files from an older stc-bench, or
+    nvidia-smi unavailable), which are unknown, not a mismatch."""
     if base.config.framework != new.config.framework:
         raise BenchUsageError(f"BASE is {base.config.framework}, NEW is {new.config.framework}: compare runs of one framework")
-    for what, a, b in (("device", base.environment.get("device_name"), new.environment.get("device_name")),
-                       ("scale", base.run.get("scale"), new.run.get("scale")),
-                       ("dtype", base.run.get("dtype"), new.run.get("dtype"))):
-        if a != b:
+    base_facts, new_facts = _facts(base), _facts(new)
+    problems, unknown = [], []
+    for what in dict.fromkeys([*base_facts, *new_facts]):
+        a, b = base_facts.get(what), new_facts.get(what)
+        if a is None or b is None:
+            missing = " and ".join(side for side, value in (("BASE", a), ("NEW", b)) if value is None)
+            unknown.append(f"{what} not recorded in {missing}: not checked")
+        elif a != b:
             problems.append(f"{what} differs: BASE {a}, NEW {b}")
     if problems and not allow_mismatch:
         raise BenchUsageError("; ".join(problems) + ": latencies are not comparable (pass --allow-mismatch to compare anyway)")
-    return problems
+    return problems + unknown
 
 
 def _pct(x: float) -> str:
@@ -125,11 +228,15 @@ def _pct(x: float) -> str:
 
 
 def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
-                 reductions: list[ReductionGate]) -> list[Check]:
+                 reductions: list[ReductionGate], drops: list[ReductionDropGate] = ()) -> list[Check]:
     """Every check of NEW against BASE and against the reduction gates."""
     for gate in slowdowns:
         if gate.stage is not None and gate.stage not in new.stages:
             raise BenchUsageError(f"--fail-on {gate.stage}:...: NEW has no stage {gate.stage!r} (stages: {', '.join(new.stages)})")
+    for gate in drops:
+        if gate.stage not in new.stages:
+            raise BenchUsageError(f"--max-reduction-drop {gate.stage}:...: NEW has no stage {gate.stage!r} "
+                                  f"(stages: {', '.join(new.stages)})")
     checks: list[Check] = []
     base_points = {(p.frames, p.point): p for p in base.points}
     for p in new.points:
@@ -152,10 +259,15 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
                         if gate.stage not in (None, stage):
                             continue
                         checks.append(_slowdown_check(f"{where} {stage}/{arm} {gate.stat}", b, n, gate))
+            for gate in drops:
+                check = _drop_check(f"{where} {gate.stage} reduction vs BASE", base.reduction(old, gate.stage),
+                                    new.reduction(p, gate.stage), gate)
+                if check is not None:
+                    checks.append(check)
         for gate in reductions:
             r = new.reduction(p, gate.stage)
             if r is None:
-                raise BenchUsageError(f"--expect-reduction {gate.stage}: NEW has no stage {gate.stage!r} "
+                raise BenchUsageError(f"{gate.origin} {gate.stage}: NEW has no stage {gate.stage!r} "
                                       f"(stages: {', '.join(new.stages)})")
             detail = f"STC reduction {_pct(r.on_median)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] vs required {gate.minimum:.0%}"
             if r.pairs < MIN_SAMPLES:
@@ -167,7 +279,7 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             else:
                 verdict, reason = Verdict.INCONCLUSIVE, "the interval straddles the required reduction"
             checks.append(Check(f"{where} {gate.stage} reduction", detail, verdict, reason))
-    if not any(base_points.get((p.frames, p.point)) for p in new.points) and slowdowns:
+    if not any(base_points.get((p.frames, p.point)) for p in new.points) and (slowdowns or drops):
         checks.append(Check("points", "no (frames, STC point) of NEW is in BASE", Verdict.INCONCLUSIVE,
                             "nothing to compare: run both with the same --frames/--ratio/--interval/--tokens-per-frame"))
     return checks
@@ -186,6 +298,24 @@ def _slowdown_check(subject: str, base: Measurement, new: Measurement, gate: Slo
     if high <= gate.limit:
         return Check(subject, detail, Verdict.OK)
     return Check(subject, detail, Verdict.INCONCLUSIVE, f"the interval straddles the {gate.limit:.0%} limit")
+
+
+def _drop_check(subject: str, base: Reduction | None, new: Reduction | None, gate: ReductionDropGate) -> Check | None:
+    """NEW's reduction against BASE's minus the allowance (see ``ReductionDropGate``); None when either lacks the stage."""
+    if base is None or new is None:
+        return None
+    floor = base.on_median - gate.allowance
+    detail = (f"STC reduction {_pct(new.on_median)} [{_pct(new.ci_low)}, {_pct(new.ci_high)}] vs BASE {_pct(base.on_median)} "
+              f"minus {gate.allowance * 100:g} points: floor {_pct(floor)}")
+    pairs = min(base.pairs, new.pairs)
+    if pairs < MIN_SAMPLES:
+        return Check(subject, detail, Verdict.INCONCLUSIVE, f"too few samples (n={pairs} < {MIN_SAMPLES})")
+    if new.ci_high < floor:
+        return Check(subject, detail, Verdict.REGRESSION, f"the whole interval is more than {gate.allowance * 100:g} points "
+                                                          "below BASE's reduction")
+    if new.ci_low >= floor:
+        return Check(subject, detail, Verdict.OK)
+    return Check(subject, detail, Verdict.INCONCLUSIVE, f"the interval straddles BASE's reduction minus {gate.allowance * 100:g} points")
 
 
 def overall(checks: list[Check]) -> Verdict:

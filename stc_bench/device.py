@@ -6,7 +6,9 @@ the CPU path exercises the same calls and the GPU-only branches stay few and sho
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,11 @@ class Device:
             return torch.cuda.get_device_name(self.torch_device)
         return cpu_model()
 
+    def activate(self) -> contextlib.AbstractContextManager:
+        """Make this device current for the block (``torch.cuda.device``), so that every stream,
+        event, graph and allocation that names no device lands on it; a no-op on CPU."""
+        return torch.cuda.device(self.torch_device) if self.is_cuda else contextlib.nullcontext()
+
     def synchronize(self) -> None:
         """Wait for all queued work on the device (a no-op on CPU, where ops are synchronous)."""
         if self.is_cuda:
@@ -60,6 +67,60 @@ class Device:
     def default_dtype(self) -> torch.dtype:
         """float16 on CUDA (the frameworks' inference dtype), float32 on CPU."""
         return torch.float16 if self.is_cuda else torch.float32
+
+
+class HostSyncError(RuntimeError):
+    """A timed span synchronised the host with the device (or would on a GPU)."""
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+"""Tensor methods that read device memory on the host: on a GPU each one waits for the device."""
+
+_HOST_RESIDENT = "_stc_bench_host_resident"
+
+
+def host_resident(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark a CPU tensor as host metadata (e.g. Qwen2-VL's ``grid_thw``): it stays on the CPU in a
+    GPU run too, so reading it is no device sync, and ``forbid_host_syncs`` lets it be read."""
+    setattr(tensor, _HOST_RESIDENT, True)
+    return tensor
+
+
+@contextlib.contextmanager
+def forbid_host_syncs(device: Device) -> Iterator[None]:
+    """Fail on any host-device synchronisation inside the block.
+
+    On CUDA this is ``torch.cuda.set_sync_debug_mode("error")``: every synchronising call
+    (``.item()``, a device-to-host or pageable host-to-device copy, ``nonzero``...) raises. On a
+    CPU nothing synchronises, so the same code is checked by proxy: the tensor methods that
+    would read device memory on a GPU (``HOST_READS``) raise ``HostSyncError``, except on
+    tensors marked ``host_resident``.
+    """
+    if device.is_cuda:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def guarded(name: str, original):
+        def read(self, *args, **kwargs):
+            if not getattr(self, _HOST_RESIDENT, False):
+                raise HostSyncError(f"Tensor.{name}() inside a timed span: on a GPU this waits for the device")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, guarded(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def cpu_model() -> str:

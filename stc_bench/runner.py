@@ -3,8 +3,12 @@
 For each frame count, the baseline and every +STC point stream the same frames, interleaved
 (one round = every arm once; odd rounds run the arms in reverse order) so slow drift of the
 machine hits every arm alike, and the baseline is measured once for all points. Each pass
-starts a fresh stream (new KV cache, new pruner memory, a freshly attached cacher). After the
-timed rounds, one untimed pass per arm captures features and logits for the fidelity figures.
+starts a fresh stream (new KV cache, new pruner memory, a freshly attached cacher).
+
+Before any timed pass, one untimed *prepare* pass per arm captures features and logits for
+the fidelity figures and does every one-time thing a stream shape needs (CUDA-graph capture,
+index tensors on the device, the timer's events, allocator growth), so no timed span pays for
+them, whatever ``--warmup`` is. The run's device is the current CUDA device throughout.
 
 With a ``RunFolder``, the raw samples are saved after every measured round and each finished
 frame count goes to results.json at once, so an interrupted run keeps what it measured and
@@ -24,11 +28,12 @@ import torch
 from stc import CacherConfig, PrunerConfig
 from stc_bench.config import BenchConfig
 from stc_bench.device import Device, resolve_device, resolve_dtype
-from stc_bench.env import capture_environment
+from stc_bench.env import capture_environment, gpu_state
 from stc_bench.errors import BenchUsageError
 from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
-from stc_bench.frameworks.framework import ArmSettings, Pipeline
+from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Pipeline, StreamOutput
+from stc_bench.frameworks.parts import attention_implementations
 from stc_bench.measurement import Arm, Measurement
 from stc_bench.results import PointResult, RunResult, stage_spec
 from stc_bench.run_folder import RunFolder
@@ -81,11 +86,22 @@ def _empty_samples(arms: list[ArmSettings], stages: tuple[str, ...]) -> dict[str
             for a in arms}
 
 
-def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: ArmSettings, device: Device, chunk_frames: int):
+def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: ArmSettings, device: Device, chunk_frames: int,
+                timer: StageTimer):
     device.reset_peak_memory()
-    timer = StageTimer(device)
     pipeline.stream(clip, arm, timer, chunk_frames)
     return timer.finish(), device.peak_memory_mb()
+
+
+def prepare_arms(pipeline: Pipeline, clip: torch.Tensor, arms: list[ArmSettings], timer: StageTimer,
+                 chunk_frames: int) -> dict[str, StreamOutput]:
+    """One untimed pass per arm, capturing what fidelity needs; everything a stream does once
+    (graph capture, device index tensors, the timer's events) happens here, not in a timed span."""
+    captured = {}
+    for arm in arms:
+        captured[arm.label] = pipeline.stream(clip, arm, timer, chunk_frames, capture=True)
+        timer.finish()
+    return captured
 
 
 def measure_frame_count(
@@ -105,13 +121,16 @@ def measure_frame_count(
     done, samples = saved if saved is not None else (0, _empty_samples(arms, pipeline.stages))
     if done:
         logger.warning("resuming %d frames: %d of %d rounds already measured", frames, done, config.repeats)
+    timer = StageTimer(device)
+    captured = prepare_arms(pipeline, clip, arms, timer, chunk_frames)
+    tick(1)
     for repeat in range(config.warmup + config.repeats):
         measured = repeat >= config.warmup
         if measured and repeat - config.warmup < done:
             tick(len(arms))
             continue
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            spans, peak = _timed_pass(pipeline, clip, arm, device, chunk_frames)
+            spans, peak = _timed_pass(pipeline, clip, arm, device, chunk_frames, timer)
             tick(1)
             if not measured:
                 continue
@@ -125,8 +144,6 @@ def measure_frame_count(
         if measured and folder is not None:
             folder.save_progress(frames, repeat - config.warmup + 1, samples)
 
-    captured = {a.label: pipeline.stream(clip, a, StageTimer(device), chunk_frames, capture=True) for a in arms}
-    tick(1)
     measurements = []
     for arm in arms:
         s, out = samples[arm.label], captured[arm.label]
@@ -162,30 +179,61 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     With ``folder``, results.json is written at the start and after every frame count, and raw
     samples after every round. ``resume`` (a partial result read from that folder) skips the
     frame counts it already holds. Raises ``BenchmarkInterrupted``, carrying the partial result,
-    on CUDA out-of-memory or Ctrl-C.
+    on out-of-memory (while building or measuring) or Ctrl-C. The run's device is the current
+    CUDA device from start to end, so ``--gpu N`` builds, times and captures on GPU N.
     """
     device = resolve_device(config.device)
+    with device.activate():
+        return _run(config, device, progress or (lambda *_: None), folder, resume)
+
+
+def _out_of_memory(err: BaseException, what: str, settings: str, advice: str) -> str:
+    """One line: which memory ran out, where, with which settings, and what to try."""
+    kind = "CUDA" if isinstance(err, torch.cuda.OutOfMemoryError) else "host"
+    return f"{kind} out of memory {what} ({settings}); {advice}"
+
+
+def _run_block(config: BenchConfig, framework: FrameworkSpec, scale: str, reason: str, dtype_name: str,
+               pipeline: Pipeline | None) -> dict[str, Any]:
+    """How the run was built, for the report (``pipeline`` None: the build itself failed)."""
+    return {
+        "scale": scale, "scale_reason": reason, "dtype": dtype_name,
+        "weights": "checkpoint" if config.checkpoint else "random",
+        "video": config.video or "synthetic",
+        "architecture": pipeline.description if pipeline else {},
+        "stc_components": framework.stc_components,
+        "chunk_frames": config.chunk_frames or (pipeline.default_chunk_frames if pipeline else None),
+        "attn_implementation": attention_implementations(pipeline.modules()) if pipeline else {},
+        "notes": list(pipeline.notes) if pipeline else [],
+    }
+
+
+def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: RunFolder | None,
+         resume: RunResult | None) -> RunResult:
     dtype = resolve_dtype(config.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     scale, reason = choose_scale(config, device)
     torch.manual_seed(config.seed)
     framework = get_framework(config.framework)
     arms = arms_of(config, uses_pruner="pruner" in framework.stc_components)
-    report = progress or (lambda *_: None)
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
-    pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
+    try:
+        pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        message = _out_of_memory(err, f"while building {config.framework}", f"scale {scale}, dtype {dtype_name}, on {device.label}",
+                                 "try a smaller --scale, --dtype float16, or a device with more free memory")
+        result = resume or RunResult(config=config, environment=capture_environment(device),
+                                     run=_run_block(config, framework, scale, reason, dtype_name, None))
+        result.errors.append(message)
+        if folder is not None:
+            folder.save_result(result)
+        raise BenchmarkInterrupted(message, result) from None
     if resume is not None:
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     else:
-        run = {
-            "scale": pipeline.scale, "scale_reason": reason, "dtype": str(dtype).removeprefix("torch."),
-            "weights": "checkpoint" if config.checkpoint else "random",
-            "video": config.video or "synthetic", "architecture": pipeline.description,
-            "stc_components": framework.stc_components,
-            "chunk_frames": config.chunk_frames or pipeline.default_chunk_frames,
-            "notes": list(pipeline.notes),
-        }
-        result = RunResult(config=config, environment=capture_environment(device), run=run)
+        result = RunResult(config=config, environment=capture_environment(device),
+                           run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline))
     if folder is not None:
         folder.save_result(result)
     finished = {p.frames for p in result.points}
@@ -208,11 +256,10 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
         try:
             with torch.inference_mode():
                 measurements, points = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder)
-        except torch.cuda.OutOfMemoryError:
-            result.errors.append(
-                f"CUDA out of memory at --frames {frames} (scale {pipeline.scale}, dtype {result.run['dtype']}, "
-                f"--chunk-frames {result.run['chunk_frames']}); try fewer frames, a smaller --scale or another GPU"
-            )
+        except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+            settings = f"scale {pipeline.scale}, dtype {dtype_name}, --chunk-frames {result.run['chunk_frames']}"
+            result.errors.append(_out_of_memory(err, f"at --frames {frames}", settings,
+                                                "try fewer frames, a smaller --scale or another GPU"))
             raise BenchmarkInterrupted(result.errors[-1], result) from None
         except KeyboardInterrupt:
             raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result) from None
@@ -222,6 +269,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
             folder.save_result(result)
             folder.clear_progress()
     result.complete = True
+    result.environment["gpu_state_after"] = gpu_state(device)
     if folder is not None:
         folder.save_result(result)
     return result

@@ -1,8 +1,14 @@
 """The only place that creates clocks: CUDA events on a GPU, ``perf_counter_ns`` on a CPU.
 
-A ``StageTimer`` lives for one streamed pass (one repeat of one arm). Each ``span(stage)``
-records a start/end mark pair around a stage of one chunk; no host synchronisation happens
-inside a timed region. ``finish()`` synchronises once and turns every pair into milliseconds.
+A ``StageTimer`` times streamed passes, one after another. Each ``span(stage, chunk)`` records
+a start/end mark pair around a stage of one chunk; no host synchronisation happens inside a
+timed region. ``finish()`` synchronises once, turns every pair of the pass into milliseconds
+and readies the timer for the next pass.
+
+On CUDA the marks are events recorded on the device's current stream. They are created ahead
+of the spans (``reserve``) and reused by every later pass, so a timed span does no more host
+work than recording an event; a pass that needs more marks than reserved grows the pool, which
+only the first (untimed) pass of a run does.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stc_bench.device import Device
+from stc_bench.device import Device, forbid_host_syncs
 
 
 @dataclass(frozen=True)
@@ -27,35 +33,67 @@ class Span:
 
 
 class StageTimer:
-    """Marks start and end of stages on ``device``; CUDA events are recorded on the current stream."""
+    """Marks start and end of stages on ``device``.
 
-    def __init__(self, device: Device):
+    With ``forbid_syncs`` every span runs under ``forbid_host_syncs``: any host-device
+    synchronisation inside it raises (the self-check's and the tests' way to prove a timed
+    region is clean).
+    """
+
+    def __init__(self, device: Device, forbid_syncs: bool = False):
         self.device = device
+        self.forbid_syncs = forbid_syncs
+        self._events: list[torch.cuda.Event] = []
+        self._used = 0
         self._marks: list[tuple[str, int, object, object]] = []
 
-    def _mark(self) -> object:
+    def reserve(self, spans: int) -> None:
+        """Create the CUDA events for ``spans`` spans now, outside any timed region (no-op on CPU)."""
         if self.device.is_cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter_ns()
+            with self.device.activate():
+                while len(self._events) < 2 * spans:
+                    self._events.append(torch.cuda.Event(enable_timing=True))
+
+    def _mark(self) -> object:
+        if not self.device.is_cuda:
+            return time.perf_counter_ns()
+        if self._used == len(self._events):
+            self.reserve(len(self._events) // 2 + 1)
+        event = self._events[self._used]
+        self._used += 1
+        event.record(torch.cuda.current_stream(self.device.torch_device))
+        return event
 
     @contextlib.contextmanager
     def span(self, stage: str, chunk: int) -> Iterator[None]:
         """Time the body as ``stage`` of chunk ``chunk``."""
+        guard = forbid_host_syncs(self.device) if self.forbid_syncs else contextlib.nullcontext()
         start = self._mark()
-        yield
+        with guard:
+            yield
         self._marks.append((stage, chunk, start, self._mark()))
 
     def finish(self) -> list[Span]:
-        """Synchronise once and return every span in recording order."""
+        """Synchronise once and return every span of the pass in recording order; the timer is
+        then ready for the next pass (its events are reused)."""
         self.device.synchronize()
         if self.device.is_cuda:
             spans = [Span(s, c, float(a.elapsed_time(b))) for s, c, a, b in self._marks]
         else:
             spans = [Span(s, c, (b - a) / 1e6) for s, c, a, b in self._marks]
         self._marks.clear()
+        self._used = 0
         return spans
+
+
+def wall_clock_ms(device: Device, fn) -> float:
+    """Synchronised wall time of ``fn()`` in milliseconds: the reference a span sum is checked
+    against (the self-check's timer test and its launch-bound figure)."""
+    device.synchronize()
+    start = time.perf_counter_ns()
+    fn()
+    device.synchronize()
+    return (time.perf_counter_ns() - start) / 1e6
 
 
 def time_call(device: Device, fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -63,6 +101,7 @@ def time_call(device: Device, fn, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     timer = StageTimer(device)
+    timer.reserve(repeats)
     for i in range(repeats):
         with timer.span("call", i):
             fn()

@@ -55,6 +55,10 @@ class DispiderPipeline:
         self.vision_tower = vision_tower
         self.image_size = shape.tower.image_size
 
+    def modules(self) -> list[nn.Module]:
+        """The vision tower (the only part built)."""
+        return [self.vision_tower]
+
     @property
     def description(self) -> dict[str, Any]:
         """Architecture facts for the report."""

@@ -80,6 +80,10 @@ class Pipeline(Protocol):
         """Analytic multiply-adds per stage for this stream (None where not modelled)."""
         ...
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Every built module (tower, projector, LLM parts): what the weight checks inspect."""
+        ...
+
 
 @dataclass(frozen=True)
 class FrameworkSpec:

@@ -100,6 +100,17 @@ def build_siglip(shape: TowerShape, device: torch.device, dtype: torch.dtype, se
     return build_random(lambda: SiglipVisionModel(siglip_config(shape)), device, dtype, seed)
 
 
+def attention_implementations(modules: list[nn.Module]) -> dict[str, str]:
+    """Which attention kernel family (``attn_implementation``: sdpa, eager, flash...) each built
+    transformers model runs, by class name, for the run's record."""
+    found = {}
+    for module in modules:
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if implementation:
+            found[type(module).__name__] = implementation
+    return found
+
+
 def vit_shape(shape: TowerShape, prefix_tokens: int = 0) -> ViTShape:
     """The FLOP-model shape of a tower (prefix tokens, e.g. CLS, on top of the patches)."""
     return ViTShape(tokens=shape.grid**2 + prefix_tokens, width=shape.width, mlp_width=shape.mlp,
@@ -121,6 +132,10 @@ class CausalLM:
 
         model = build_random(lambda: Qwen2ForCausalLM(qwen2_config(shape)), device, dtype, seed)
         return cls(model.model, model.lm_head, shape)
+
+    def modules(self) -> list[nn.Module]:
+        """The decoder and the LM head."""
+        return [self.decoder, self.lm_head]
 
     @property
     def device(self) -> torch.device:

@@ -101,6 +101,10 @@ class RekvPipeline:
         """Visual tokens per frame after 2x2 pooling."""
         return math.ceil(self.grid / 2) ** 2
 
+    def modules(self) -> list[nn.Module]:
+        """The vision tower, the projector and the LLM's modules."""
+        return [self.vision_tower, self.projector, *self.llm.modules()]
+
     @property
     def description(self) -> dict[str, Any]:
         """Architecture facts for the report."""
@@ -181,9 +185,10 @@ def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: 
     if raw.get("vision_feature_layer", -1) != -1:
         raise CheckpointError(f"--checkpoint {path}: vision_feature_layer {raw['vision_feature_layer']} is not -1; "
                               "only LLaVA-OneVision checkpoints with 26-layer towers read at layer -1 are supported")
+    # Straight onto the device in the compute dtype: a 7B checkpoint never sits in host RAM whole.
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, local_files_only=True, use_safetensors=True
-    ).to(device).eval()
+        path, dtype=dtype, device_map={"": device}, local_files_only=True, use_safetensors=True
+    ).eval()
     vc, tc = model.config.vision_config, model.config.text_config
     shape = TowerLLMShape(
         TowerShape(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.num_attention_heads,

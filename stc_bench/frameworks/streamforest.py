@@ -113,6 +113,8 @@ class StreamForestPipeline:
         "Memory follows StreamForest's MemoryManager token budgets (729 / 128 / 64 per frame, 5120 long-term); "
         "its sin-cos position embeddings (an elementwise add) are left out and long-term merges are chosen "
         "by similarity alone.",
+        "From 27 frames on, the memory's event split picks its cut on the host (a data-dependent size, as in "
+        "StreamForest itself): the compress stage then holds one host sync per split, in both arms.",
     ]
 
     def __init__(self, scale: str, shape: TowerLLMShape, vision_tower: nn.Module, projector: nn.Module,
@@ -124,6 +126,10 @@ class StreamForestPipeline:
         self.llm = llm
         self.image_size = shape.tower.image_size
         self._prompt_ids = llm.random_ids(PROMPT_TOKENS, seed)
+
+    def modules(self) -> list[nn.Module]:
+        """The vision tower, the projector and the LLM's modules."""
+        return [self.vision_tower, self.projector, *self.llm.modules()]
 
     @property
     def description(self) -> dict[str, Any]:
@@ -144,7 +150,9 @@ class StreamForestPipeline:
             memory = self.projector(memory_tokens(features))                              # (M, C)
         with timer.span("prefill", 0):
             embeds = torch.cat([memory, self.llm.embed(self._prompt_ids)[0]]).unsqueeze(0)  # (1, M + P, C)
-            hidden = self.llm.forward_embeds(embeds)
+            # Into a KV cache, as the answer's decoding needs (and without one transformers
+            # checks the positions for packed sequences, a host sync inside the span).
+            hidden = self.llm.forward_embeds(embeds, self.llm.new_cache())
         return StreamOutput(
             tokens={"vit": sum(f.shape[0] for f in features), "compress": memory.shape[0], "prefill": embeds.shape[1]},
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),

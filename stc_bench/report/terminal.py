@@ -13,10 +13,11 @@ def header_lines(result: RunResult) -> list[str]:
     """What was run, in a few lines: framework, scale and why, device, weights, clip."""
     c, run, env = result.config, result.run, result.environment
     weights = "random weights" if run["weights"] == "random" else f"checkpoint {c.checkpoint}"
+    chunk = run.get("chunk_frames") or "default"  # None when the build failed before the protocol was known
     return [
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",
         f"device {env.get('device')} ({env.get('device_name')}) | {run['dtype']} | {weights} | video: {run['video']}",
-        f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {run.get('chunk_frames')} frame(s) per step | "
+        f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {chunk} frame(s) per step | "
         f"cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}",
     ]
 

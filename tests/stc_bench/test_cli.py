@@ -1,5 +1,6 @@
 """The stc-bench command line, through typer's CliRunner."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -138,3 +139,55 @@ def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, tmp
     saved = load_results(folder)
     assert [p.frames for p in saved.points] == [2] and not saved.complete
     assert "CUDA out of memory" in (folder / "report.md").read_text()
+
+
+def test_out_of_memory_while_building_reports_the_settings_and_keeps_the_run_folder(cli, tmp_path, monkeypatch):
+    from stc_bench.frameworks import rekv
+
+    def too_big(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+    monkeypatch.setattr(rekv, "FRAMEWORK", dataclasses.replace(rekv.FRAMEWORK, build=too_big))
+    result = cli(*TINY_RUN, "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert "CUDA out of memory while building rekv (scale tiny, dtype float32, on cpu); try a smaller --scale" in result.output
+    assert "Traceback" not in result.output
+    folder = run_folder(tmp_path)
+    from stc_bench.results import load_results
+
+    saved = load_results(folder)
+    assert saved.errors == [result.output.split("error: ")[1].strip()] and not saved.measurements
+    assert f"what was measured is in {folder}" in result.output
+
+
+def test_the_run_happens_with_its_device_current(tiny_result, monkeypatch):
+    """--gpu N: every stream, event and graph of the run must land on GPU N, so the whole run
+    (build included) happens inside the device's activate() block."""
+    from stc_bench.config import BenchConfig
+    from stc_bench.device import Device
+    from stc_bench.frameworks import dispider
+    from stc_bench.runner import run_benchmark
+
+    events = []
+    real_activate, real_build = Device.activate, dispider.build
+
+    class Recording:
+        def __init__(self, device):
+            self.inner = real_activate(device)
+
+        def __enter__(self):
+            events.append("enter")
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            events.append("exit")
+            return self.inner.__exit__(*exc)
+
+    def recording_build(*args, **kwargs):
+        events.append("build")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(Device, "activate", lambda self: Recording(self))
+    monkeypatch.setattr(dispider, "FRAMEWORK", dataclasses.replace(dispider.FRAMEWORK, build=recording_build))
+    run_benchmark(BenchConfig(framework="dispider", scale="tiny", device="cpu", frames=(2,), repeats=1, warmup=0))
+    assert events[0] == "enter" and events[-1] == "exit" and "build" in events[1:-1]

@@ -1,0 +1,60 @@
+"""Like for like: the null arm (--interval 1) dispatches exactly the baseline's kernels.
+
+A reduction is only STC's if both arms run the same kernels wherever they do the same work. The
+test counts the operators one streamed pass dispatches, per framework, with the baseline and
+with a cacher that refreshes every frame, and requires the same counts of every operator that
+launches work (views and metadata operators aside). No timing is involved.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import stc
+from stc_bench.config import STCPoint
+from stc_bench.device import resolve_device
+from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
+from stc_bench.frameworks.framework import ArmSettings
+from stc_bench.timing import StageTimer
+
+METADATA_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand",
+                "aten.unsqueeze", "aten.squeeze", "aten.t", "aten.detach", "aten.alias", "aten.slice", "aten.select",
+                "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.as_strided"}
+"""Operators that only make a new view of the same memory: they launch nothing."""
+
+BASELINE = ArmSettings("baseline")
+NULL_ARM = ArmSettings("stc", STCPoint(0.25, 1, 64), stc.CacherConfig(update_ratio=0.25, cache_interval=1), None)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every operator dispatched while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_of_one_pass(pipeline, clip, arm) -> collections.Counter:
+    device = resolve_device("cpu")
+    with torch.inference_mode():
+        pipeline.stream(clip, arm, StageTimer(device), pipeline.default_chunk_frames)  # one-time work first
+        with OpCounter() as counter:
+            pipeline.stream(clip, arm, StageTimer(device), pipeline.default_chunk_frames)
+    return collections.Counter({op: n for op, n in counter.counts.items() if op not in METADATA_OPS})
+
+
+@pytest.mark.parametrize("framework", sorted(FRAMEWORK_MODULES))
+def test_null_arm_dispatches_the_baselines_kernels(framework):
+    pipeline = get_framework(framework).build("tiny", torch.device("cpu"), torch.float32, 0, None)
+    clip = torch.randn(6, 3, pipeline.image_size, pipeline.image_size)
+    baseline, null = kernels_of_one_pass(pipeline, clip, BASELINE), kernels_of_one_pass(pipeline, clip, NULL_ARM)
+    attention = {op: n for op, n in baseline.items() if "scaled_dot_product" in op}
+    assert attention, "the pass ran no attention kernel"
+    assert {op: n for op, n in null.items() if "scaled_dot_product" in op} == attention
+    assert null == baseline, {op: (baseline[op], null[op]) for op in baseline.keys() | null.keys() if baseline[op] != null[op]}
