@@ -77,6 +77,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool_
 """Tensor methods that read device memory on the host: on a GPU each one waits for the device."""
 
 _HOST_RESIDENT = "_stc_bench_host_resident"
+_INHERITED = object()
 
 
 def host_resident(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,41 +87,92 @@ def host_resident(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+HOST_BLOCKING_CALLS = (
+    ("torch.cuda", "synchronize"),
+    ("torch.cuda", "empty_cache"),
+    ("torch.cuda.Event", "synchronize"),
+    ("torch.cuda.Stream", "synchronize"),
+    ("torch.cuda.CUDAGraph", "capture_begin"),
+)
+"""Explicit host-blocking CUDA calls that ``set_sync_debug_mode`` does not flag (it watches only
+implicit syncs such as a device-to-host copy), so ``forbid_host_syncs`` makes each one raise.
+``CUDAGraph.capture_begin`` stands for a graph capture: ``torch.cuda.graph`` synchronises and
+empties the cache around it, and a capture inside a timed span would count all of that."""
+
+
+def _owner(path: str):
+    """``"torch.cuda.Event"`` -> the object ``torch.cuda.Event``."""
+    obj = torch
+    for part in path.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, replacement) -> Iterator[None]:
+    """``owner.name = replacement`` for the block, restored exactly on exit, also after an error
+    (an attribute the owner only inherited is deleted again rather than copied down)."""
+    original = vars(owner).get(name, _INHERITED)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        if original is _INHERITED:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise HostSyncError(f"{what}() inside a timed span: it blocks the host until the device is idle "
+                            "(graph captures, synchronize and empty_cache belong in the untimed prepare pass)")
+
+    return refuse
+
+
+def _guarded_read(name: str, original):
+    def read(self, *args, **kwargs):
+        if not getattr(self, _HOST_RESIDENT, False):
+            raise HostSyncError(f"Tensor.{name}() inside a timed span: on a GPU this waits for the device")
+        return original(self, *args, **kwargs)
+
+    return read
+
+
+@contextlib.contextmanager
+def _sync_debug_errors() -> Iterator[None]:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 @contextlib.contextmanager
 def forbid_host_syncs(device: Device) -> Iterator[None]:
     """Fail on any host-device synchronisation inside the block.
 
-    On CUDA this is ``torch.cuda.set_sync_debug_mode("error")``: every synchronising call
-    (``.item()``, a device-to-host or pageable host-to-device copy, ``nonzero``...) raises. On a
-    CPU nothing synchronises, so the same code is checked by proxy: the tensor methods that
-    would read device memory on a GPU (``HOST_READS``) raise ``HostSyncError``, except on
-    tensors marked ``host_resident``.
+    On every device the explicit blocking calls (``HOST_BLOCKING_CALLS``: ``torch.cuda.synchronize``,
+    ``empty_cache``, ``Event.synchronize``, ``Stream.synchronize``, and a CUDA-graph capture, which
+    synchronises and empties the cache) raise ``HostSyncError``: ``set_sync_debug_mode`` does not see
+    them, and they are patched on a CPU too so the tests exercise the same guard. On CUDA,
+    ``torch.cuda.set_sync_debug_mode("error")`` adds every implicitly synchronising op (``.item()``,
+    a device-to-host or pageable host-to-device copy, ``nonzero``...). On a CPU nothing
+    synchronises, so those are checked by proxy: the tensor methods that would read device memory
+    on a GPU (``HOST_READS``) raise ``HostSyncError``, except on tensors marked ``host_resident``.
+    Everything is restored on exit, also after an error.
     """
-    if device.is_cuda:
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-        return
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def guarded(name: str, original):
-        def read(self, *args, **kwargs):
-            if not getattr(self, _HOST_RESIDENT, False):
-                raise HostSyncError(f"Tensor.{name}() inside a timed span: on a GPU this waits for the device")
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, guarded(name, original))
-    try:
+    with contextlib.ExitStack() as stack:
+        for path, name in HOST_BLOCKING_CALLS:
+            stack.enter_context(_patched(_owner(path), name, _refuse(f"{path}.{name}")))
+        if device.is_cuda:
+            stack.enter_context(_sync_debug_errors())
+        else:
+            for name in HOST_READS:
+                stack.enter_context(_patched(torch.Tensor, name, _guarded_read(name, getattr(torch.Tensor, name))))
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def cpu_model() -> str:

@@ -8,10 +8,12 @@ One ``SelectiveGraphs`` belongs to one tower and outlives attaches (the integrat
 beside the tower), so a graph is captured once per layer, weights and input shapes, not once
 per stream. Capturing synchronises the device and empties the allocator's cache, so it must
 happen outside timed regions: call the tower once, untimed, on a stream of the shapes that
-will be timed (stc-bench runs an untimed prepare pass per arm first). Inputs are copied into
-the graph's static buffers before each replay and outputs are cloned out of them. Anywhere a
-graph cannot be used (CPU tensors, a capture error) the eager forward runs instead, and a
-warning is logged once; ``stats`` says which happened, so a test or a report can tell.
+will be timed (stc-bench runs an untimed prepare pass per arm first). Each device gets its own
+capture stream. Inputs are copied into the graph's static buffers before each replay (in
+inference mode, so a graph captured under ``torch.inference_mode`` can be replayed under
+``torch.no_grad`` too) and outputs are cloned out of them. Anywhere a graph cannot be used (CPU
+tensors, a capture error) the eager forward runs instead, and a warning is logged once;
+``stats`` says which happened, so a test or a report can tell.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ class SelectiveGraphs:
     def __init__(self) -> None:
         self._captured: dict[tuple, _Captured] = {}
         self._pools: dict[torch.device, object] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.disabled_reason: str | None = None
         self._replays = 0
         self._eager = 0
 
     @property
     def stats(self) -> GraphStats:
-        """Captures, replays and eager fallbacks so far."""
+        """Captures, replays and eager fallbacks so far (a snapshot: later calls do not change it)."""
         return GraphStats(len(self._captured), self._replays, self._eager, self.disabled_reason)
 
     def _fall_back(self, reason: str) -> None:
@@ -102,12 +105,33 @@ class SelectiveGraphs:
                 self._eager += 1
                 return selective_forward(ops, x, reference, count, metric, index)
             self._captured[key] = captured
-        for static, value in zip(captured.inputs, inputs):
-            static.copy_(value)
-        captured.graph.replay()
+        return self._replay(captured, inputs)
+
+    def _replay(self, captured: _Captured, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy ``inputs`` into the graph's static buffers, replay it, return copies of its outputs."""
+        # The static buffers are made in the autograd mode of the call that captured them: under
+        # inference_mode (how stc-bench streams) they are inference tensors, which a later call
+        # under no_grad could not write ("Inplace update to inference tensor outside
+        # InferenceMode"). Inference mode may write both kinds, so every replay writes there.
+        with torch.inference_mode():
+            for static, value in zip(captured.inputs, inputs):
+                static.copy_(value)
+            captured.graph.replay()
         self._replays += 1
         y, chosen = captured.outputs
+        # Cloned in the caller's own mode, so it gets the kind of tensor an eager forward gives it
+        # (a clone of an inference tensor made outside inference mode is a normal tensor).
         return y.clone(), chosen.clone()
+
+    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream this tower's graphs are warmed up and captured on, one per device.
+
+        ``torch.cuda.graph`` without ``stream=`` uses one class-wide stream made on whichever
+        device was current at the process's first capture; a later capture for another GPU on
+        that stream would record none of its work (an empty graph replaying stale outputs)."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
 
     def _capture(self, ops: LayerOps, inputs: list[torch.Tensor], count: int, metric: str) -> _Captured:
         device = inputs[0].device
@@ -121,15 +145,21 @@ class SelectiveGraphs:
         # and the memory pool must belong to device N, not to whatever device is current.
         with torch.cuda.device(device):
             current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
-                for _ in range(WARMUP_ITERATIONS):
-                    forward()
-            current.wait_stream(side)
-            if device not in self._pools:
-                self._pools[device] = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pools[device]):
-                outputs = forward()
+            stream = self._capture_stream(device)
+            try:
+                stream.wait_stream(current)  # the static buffers were filled on the current stream
+                with torch.cuda.stream(stream):  # warm-up outside the graph, as torch.cuda.graphs requires
+                    for _ in range(WARMUP_ITERATIONS):
+                        forward()
+                current.wait_stream(stream)
+                if device not in self._pools:
+                    self._pools[device] = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pools[device], stream=stream):
+                    outputs = forward()
+            finally:
+                # When capture_begin or capture_end raises, torch.cuda.graph never leaves its
+                # stream context, and every later kernel of this process would go to the capture
+                # stream; put the caller's stream back whatever happened.
+                torch.cuda.set_stream(current)
         return _Captured(graph=graph, inputs=static, outputs=outputs)

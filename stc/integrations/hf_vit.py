@@ -44,6 +44,18 @@ def _weights_key(layer: nn.Module) -> tuple:
     return tuple((p.device, p.data_ptr()) for p in layer.parameters())
 
 
+def cuda_graphs_refused(layer_kind: str) -> str | None:
+    """Why ``cuda_graph=True`` runs eager on a tower whose encoder layers are of class
+    ``layer_kind`` (as ``find_vision_layers`` names it), as a phrase ("not available for ...");
+    None where graphs are replayed."""
+    if layer_kind == qwen2_vl.BLOCK_CLASS:
+        # The block's rotary tables are new tensors on every call; a captured graph would read
+        # freed memory. Until they become graph inputs, Qwen2-VL runs eager.
+        return ("not available for Qwen2-VL towers yet: their rotary tables are new tensors on every call, "
+                "which a captured graph cannot read")
+    return None
+
+
 def _class_names(module: nn.Module) -> list[str]:
     return [cls.__name__ for cls in type(module).__mro__]
 
@@ -177,10 +189,9 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     # A Qwen2-VL stream follows the video's resolution: a new (h, w) grid starts a new stream.
     state = CacherState(config, num_layers=len(layers), reset_on_resize=qwen)
     graphs = None
-    if config.cuda_graph and qwen:
-        # The block's rotary tables are new tensors on every call; a captured graph would read
-        # freed memory. Until they become graph inputs, Qwen2-VL runs eager.
-        logger.warning("STC-Cacher: CUDA-graph replay is not available for Qwen2-VL towers yet; running eager")
+    refusal = cuda_graphs_refused(kind) if config.cuda_graph else None
+    if refusal is not None:
+        logger.warning("STC-Cacher: CUDA-graph replay is %s; running eager", refusal)
     elif config.cuda_graph:
         graphs = _TOWER_GRAPHS.setdefault(tower, SelectiveGraphs())
     handle = CacherHandle(tower, config, state, graphs)

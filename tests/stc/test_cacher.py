@@ -255,3 +255,120 @@ def test_graph_stats_report_the_eager_fallback(frames):
     assert stats.disabled_reason.startswith("tensors are on cpu")
     with stc.cacher_attached(tower, CacherConfig(update_ratio=0.25)) as plain:
         assert plain.graph_stats is None
+
+
+def _one_layer_inputs():
+    """A SigLIP layer's ops and the inputs of one selective forward (x, reference keys, values,
+    attention and MLP branches), on CPU."""
+    from stc.cacher.block import full_forward
+    from stc.integrations.hf_vit import HFViTLayerOps
+
+    tower = build_tiny_tower("siglip")
+    ops = HFViTLayerOps(stc.integrations.find_vision_layers(tower)[1][0], prefix_tokens=0)
+    with torch.inference_mode():
+        _, reference = full_forward(ops, torch.randn(1, 225, 32))
+    return ops, [torch.randn(1, 225, 32), reference.keys, reference.values, reference.attn, reference.mlp]
+
+
+class _FakeStream:
+    """Stands in for ``torch.cuda.Stream`` on a machine without CUDA, remembering its device."""
+
+    def __init__(self, device=None):
+        self.device = device
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeCuda:
+    """The ``torch.cuda`` calls ``SelectiveGraphs._capture`` makes, recorded; ``fail_capture_end``
+    makes the graph context raise on exit as a failing ``capture_end`` does."""
+
+    def __init__(self, monkeypatch, fail_capture_end=False):
+        import contextlib
+
+        self.caller = _FakeStream("caller")
+        self.graph_streams = []
+        self.set_streams = []
+        fake = self
+
+        class Graph:
+            def replay(self):
+                pass
+
+        class GraphContext:
+            def __init__(self, graph, pool=None, stream=None):
+                fake.graph_streams.append(stream)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                if fail_capture_end:
+                    raise RuntimeError("capture_end failed")
+
+        for name, value in {
+            "Stream": _FakeStream, "CUDAGraph": Graph, "graph": GraphContext,
+            "device": lambda device: contextlib.nullcontext(), "stream": lambda s: contextlib.nullcontext(),
+            "current_stream": lambda device=None: self.caller, "graph_pool_handle": lambda: "pool",
+            "set_stream": self.set_streams.append,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_graphs_keep_one_capture_stream_per_device(monkeypatch):
+    """torch.cuda.graph's own default stream belongs to the device current at the first capture;
+    a capture for another GPU must get a stream of that GPU."""
+    from stc.cacher.graph import SelectiveGraphs
+
+    _FakeCuda(monkeypatch)
+    graphs = SelectiveGraphs()
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    first = graphs._capture_stream(gpu0)
+    assert graphs._capture_stream(gpu0) is first and first.device == gpu0
+    assert graphs._capture_stream(gpu1) is not first and graphs._capture_stream(gpu1).device == gpu1
+
+
+@pytest.mark.parametrize("fail_capture_end", [False, True])
+def test_capture_names_its_stream_and_puts_the_callers_stream_back(monkeypatch, fail_capture_end):
+    from stc.cacher.graph import SelectiveGraphs
+
+    ops, inputs = _one_layer_inputs()
+    cuda = _FakeCuda(monkeypatch, fail_capture_end)
+    graphs = SelectiveGraphs()
+    if fail_capture_end:
+        with pytest.raises(RuntimeError, match="capture_end failed"):
+            graphs._capture(ops, inputs, 56, "cosine")
+    else:
+        captured = graphs._capture(ops, inputs, 56, "cosine")
+        assert captured.outputs[0].shape == inputs[0].shape and captured.outputs[1].shape == (1, 56)
+    assert cuda.graph_streams == [graphs._capture_stream(inputs[0].device)]
+    assert cuda.set_streams == [cuda.caller]  # restored even when capture_end raised
+
+
+def test_replay_from_no_grad_of_buffers_made_in_inference_mode():
+    """stc-bench captures under inference_mode, so the static buffers are inference tensors; a
+    later call under no_grad must still be able to fill them, and gets normal tensors back."""
+    from stc.cacher.graph import SelectiveGraphs, _Captured
+
+    class DoublingGraph:  # what a captured graph does: read the static inputs, write the static outputs
+        def __init__(self, inputs, outputs):
+            self.inputs, self.outputs = inputs, outputs
+
+        def replay(self):
+            self.outputs[0].copy_(self.inputs[0] * 2)
+            self.outputs[1].copy_(self.inputs[1])
+
+    with torch.inference_mode():
+        static = [torch.zeros(1, 4, 8), torch.zeros(1, 2, dtype=torch.long)]
+        outputs = (torch.zeros(1, 4, 8), torch.zeros(1, 2, dtype=torch.long))
+    graphs = SelectiveGraphs()
+    captured = _Captured(graph=DoublingGraph(static, outputs), inputs=static, outputs=outputs)
+    x, index = torch.randn(1, 4, 8), torch.tensor([[3, 1]])
+    with torch.no_grad():
+        y, chosen = graphs._replay(captured, [x, index])
+    assert torch.equal(y, 2 * x) and torch.equal(chosen, index)
+    assert not y.is_inference() and not chosen.is_inference()
+    with torch.inference_mode():
+        y, _ = graphs._replay(captured, [x + 1, index])
+    assert torch.equal(y, 2 * (x + 1)) and graphs.stats.replays == 2
