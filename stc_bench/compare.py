@@ -238,34 +238,30 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             raise BenchUsageError(f"--max-reduction-drop {gate.stage}:...: NEW has no stage {gate.stage!r} "
                                   f"(stages: {', '.join(new.stages)})")
     checks: list[Check] = []
-    base_points = {(p.frames, p.point): p for p in base.points}
-    for p in new.points:
-        where = f"{p.frames}f {p.point.label}"
-        old = base_points.get((p.frames, p.point))
+    base_arms = {(a.frames, a.arm): a for a in base.arms}
+    for facts in new.arms:
+        where = f"{facts.frames}f {facts.arm.label}"
+        old = base_arms.get((facts.frames, facts.arm))
         if old is not None:
-            for arm in ("baseline", "stc"):
-                for stage, count in p.tokens[arm].items():
-                    before = old.tokens[arm].get(stage)
-                    if before != count:
-                        checks.append(Check(f"{where} {stage}/{arm} tokens", f"{before} -> {count}", Verdict.REGRESSION,
-                                            "token counts must match exactly"))
+            for stage, count in facts.tokens.items():
+                before = old.tokens.get(stage)
+                if before != count:
+                    checks.append(Check(f"{where} {stage} tokens", f"{before} -> {count}", Verdict.REGRESSION,
+                                        "token counts must match exactly"))
             for stage in new.stages:
-                for arm, get in (("baseline", lambda r: r.baseline(p.frames, stage)),
-                                 ("stc", lambda r: r.stc(p.frames, p.point, stage))):
-                    b, n = get(base), get(new)
-                    if b is None or n is None:
-                        continue
-                    for gate in slowdowns:
-                        if gate.stage not in (None, stage):
-                            continue
-                        checks.append(_slowdown_check(f"{where} {stage}/{arm} {gate.stat}", b, n, gate))
-            for gate in drops:
+                b, n = base.measurement(facts.frames, facts.arm, stage), new.measurement(facts.frames, facts.arm, stage)
+                if b is None or n is None:
+                    continue
+                for gate in slowdowns:
+                    if gate.stage in (None, stage):
+                        checks.append(_slowdown_check(f"{where} {stage} {gate.stat}", b, n, gate))
+            for gate in drops if not facts.arm.is_baseline else ():
                 check = _drop_check(f"{where} {gate.stage} reduction vs BASE", base.reduction(old, gate.stage),
-                                    new.reduction(p, gate.stage), gate)
+                                    new.reduction(facts, gate.stage), gate)
                 if check is not None:
                     checks.append(check)
-        for gate in reductions:
-            r = new.reduction(p, gate.stage)
+        for gate in reductions if facts.arm.method == "stc" else ():
+            r = new.reduction(facts, gate.stage)
             if r is None:
                 raise BenchUsageError(f"{gate.origin} {gate.stage}: NEW has no stage {gate.stage!r} "
                                       f"(stages: {', '.join(new.stages)})")
@@ -279,9 +275,9 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             else:
                 verdict, reason = Verdict.INCONCLUSIVE, "the interval straddles the required reduction"
             checks.append(Check(f"{where} {gate.stage} reduction", detail, verdict, reason))
-    if not any(base_points.get((p.frames, p.point)) for p in new.points) and (slowdowns or drops):
-        checks.append(Check("points", "no (frames, STC point) of NEW is in BASE", Verdict.INCONCLUSIVE,
-                            "nothing to compare: run both with the same --frames/--ratio/--interval/--tokens-per-frame"))
+    if not any((a.frames, a.arm) in base_arms for a in new.compared) and (slowdowns or drops):
+        checks.append(Check("arms", "no (frames, arm) of NEW but the baseline is in BASE", Verdict.INCONCLUSIVE,
+                            "nothing to compare: run both with the same --frames, --arms and knobs"))
     return checks
 
 

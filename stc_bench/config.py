@@ -11,6 +11,8 @@ import itertools
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from stc_bench.methods import METHOD_MODULES
+
 SCALES = ("auto", "full", "small", "tiny")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 METRICS = ("cosine", "l1", "l2")
@@ -35,10 +37,20 @@ class STCPoint:
         return f"r{self.ratio:g} N{self.interval} k{self.tokens_per_frame}"
 
 
+def parse_arm_override(text: str) -> tuple[str, str, str]:
+    """``METHOD:KNOB=VALUE`` -> (method, knob, value text); ValueError naming the form otherwise."""
+    method, sep, assignment = text.partition(":")
+    knob, eq, value = assignment.partition("=")
+    if not (sep and eq and method.strip() and knob.strip() and value.strip()):
+        raise ValueError(f"--arm {text}: write METHOD:KNOB=VALUE, e.g. --arm tome:tokens_per_frame=32")
+    return method.strip(), knob.strip(), value.strip()
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    """A benchmark run: one framework x one scale x one device, several frame counts and STC
-    points, each measured against a shared baseline, interleaved, over repeats."""
+    """A benchmark run: one framework x one scale x one device, several frame counts and arms
+    (STC at every point of its knobs, and the peer methods asked for), each measured against a
+    shared baseline, interleaved, over repeats."""
 
     framework: str = "rekv"
     scale: str = "auto"
@@ -63,6 +75,10 @@ class BenchConfig:
     fps: float = 0.5
     checkpoint: str | None = None
     out: str = "reports"
+    arms: tuple[str, ...] = ("baseline", "stc")
+    """Methods to measure (the baseline is always measured: every reduction is against it)."""
+    arm_overrides: tuple[str, ...] = ()
+    """``METHOD:KNOB=VALUE`` knob settings of the peer methods (STC's knobs have their own options)."""
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -98,6 +114,21 @@ class BenchConfig:
             _fail("--chunk-frames", self.chunk_frames, "a whole number >= 1")
         if not self.fps > 0:
             _fail("--fps", self.fps, "> 0")
+        if not self.arms:
+            _fail("--arms", "(none)", "one or more of " + ", ".join(METHOD_MODULES))
+        for method in self.arms:
+            if method not in METHOD_MODULES:
+                _fail("--arms", method, "one or more of " + ", ".join(METHOD_MODULES))
+        repeated = sorted({a for a in self.arms if self.arms.count(a) > 1})
+        if repeated:
+            _fail("--arms", ",".join(repeated), "given once each (it is repeated)")
+        for override in self.arm_overrides:
+            method, _, _ = parse_arm_override(override)
+            if method not in self.arms:
+                _fail("--arm", override, f"a setting of a measured method: add {method} to --arms")
+            if method in ("baseline", "stc"):
+                _fail("--arm", override, "a peer's knob: the baseline has none, and STC's are --ratio, --interval, "
+                      "--tokens-per-frame, --metric, --selection, --cuda-graph")
         if self.checkpoint is not None and self.scale not in ("auto", "full"):
             _fail("--scale", self.scale, "auto or full with --checkpoint (the checkpoint fixes the architecture)")
 

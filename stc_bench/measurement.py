@@ -8,36 +8,29 @@ every raw sample (warm-up excluded) and computes statistics lazily, after
 from __future__ import annotations
 
 import copy
-import enum
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from stc_bench.methods.method import Arm
+
+BASELINE = Arm("baseline")
+"""The arm every other arm is compared with."""
+
 NOISY_CV = 0.10
 """A measurement whose coefficient of variation exceeds this is flagged as noisy."""
 
 
-class Stage(str, enum.Enum):
-    """Stages of a streaming VideoLLM that a benchmark times."""
-
-    VIT = "vit"
-    COMPRESS = "compress"
-    PREFILL = "prefill"
-
-
-class Arm(str, enum.Enum):
-    """Which configuration ran: the unmodified framework, or the framework with STC."""
-
-    BASELINE = "baseline"
-    STC = "stc"
+STAGE_ORDER = ("vit", "compress", "prefill")
+"""Stages of a streaming VideoLLM that a benchmark times, in pipeline order."""
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What was measured. Baseline specs leave the STC knobs as None."""
+    """What was measured: one stage of one arm at one frame count of one run."""
 
     framework: str
     scale: str
@@ -45,14 +38,20 @@ class StageSpec:
     dtype: str
     frames: int
     stage: str
-    arm: str
-    ratio: float | None = None
-    interval: int | None = None
-    tokens_per_frame: int | None = None
+    arm: Arm
 
     def baseline(self) -> StageSpec:
         """The spec of the baseline this measurement is compared with."""
-        return StageSpec(self.framework, self.scale, self.device, self.dtype, self.frames, self.stage, Arm.BASELINE.value)
+        return replace(self, arm=BASELINE)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (the arm as ``{"method", "knobs"}``)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "arm"}, "arm": self.arm.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageSpec:
+        """Inverse of ``to_dict``."""
+        return cls(**{**data, "arm": Arm.from_dict(data["arm"])})
 
 
 @dataclass
@@ -119,9 +118,9 @@ class Measurement:
         """Human-readable warnings about this measurement."""
         out = []
         if self.noisy:
-            out.append(f"{self.spec.stage}/{self.spec.arm}: noisy (CV {self.cv:.1%} > {NOISY_CV:.0%})")
+            out.append(f"{self.spec.stage}/{self.spec.arm.label}: noisy (CV {self.cv:.1%} > {NOISY_CV:.0%})")
         if self.n < 5:
-            out.append(f"{self.spec.stage}/{self.spec.arm}: only {self.n} samples")
+            out.append(f"{self.spec.stage}/{self.spec.arm.label}: only {self.n} samples")
         return out
 
     @staticmethod
@@ -138,13 +137,13 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict."""
-        return {"spec": asdict(self.spec), "times_ms": list(self.times_ms), "warmup": self.warmup,
+        return {"spec": self.spec.to_dict(), "times_ms": list(self.times_ms), "warmup": self.warmup,
                 "chunk_ms": [list(c) for c in self.chunk_ms], "metadata": copy.deepcopy(self.metadata)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
         """Inverse of ``to_dict``."""
-        return cls(StageSpec(**data["spec"]), list(data["times_ms"]), data.get("warmup", 0),
+        return cls(StageSpec.from_dict(data["spec"]), list(data["times_ms"]), data.get("warmup", 0),
                    [list(c) for c in data.get("chunk_ms", [])], dict(data.get("metadata", {})))
 
     def __eq__(self, other: object) -> bool:
@@ -155,8 +154,8 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Reduction:
-    """``1 - stc / baseline`` for one stage, on the minima and on the medians, with a paired
-    bootstrap 95% interval on the median reduction. Positive = STC is faster."""
+    """``1 - arm / baseline`` for one stage, on the minima and on the medians, with a paired
+    bootstrap 95% interval on the median reduction. Positive = the arm is faster."""
 
     stage: str
     on_min: float
@@ -174,15 +173,15 @@ class Reduction:
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def paired_reduction(baseline: Measurement, stc: Measurement, seed: int = 0) -> Reduction:
-    """Reduction of ``stc`` against ``baseline``, pairing sample i of each (same interleaved round).
+def paired_reduction(baseline: Measurement, arm: Measurement, seed: int = 0) -> Reduction:
+    """Reduction of ``arm`` against ``baseline``, pairing sample i of each (same interleaved round).
 
     The interval resamples *pairs* of repeats with replacement, so drift shared by both arms
     of a round cancels; it is the 2.5th-97.5th percentile of the resampled median reductions.
     """
-    n = min(baseline.n, stc.n)
+    n = min(baseline.n, arm.n)
     base = np.asarray(baseline.times_ms[:n], dtype=float)
-    new = np.asarray(stc.times_ms[:n], dtype=float)
+    new = np.asarray(arm.times_ms[:n], dtype=float)
     on_min = 1.0 - float(new.min()) / float(base.min())
     on_median = 1.0 - float(np.median(new)) / float(np.median(base))
     if n < 2:

@@ -1,9 +1,10 @@
 """Arms x repeats x frame counts -> measurements.
 
-For each frame count, the baseline and every +STC point stream the same frames, interleaved
-(one round = every arm once; odd rounds run the arms in reverse order) so slow drift of the
-machine hits every arm alike, and the baseline is measured once for all points. Each pass
-starts a fresh stream (new KV cache, new pruner memory, a freshly attached cacher).
+For each frame count, the baseline and every other arm (STC at each point of its knobs, the
+peer methods) stream the same frames, interleaved (one round = every arm once; odd rounds run
+the arms in reverse order) so slow drift of the machine hits every arm alike, and the baseline
+is measured once for all arms. Each pass starts a fresh stream (new KV cache, new method state:
+pruner memory, a freshly attached cacher).
 
 Before any timed pass, one untimed *prepare* pass per arm captures features and logits for
 the fidelity figures and does every one-time thing a stream shape needs (CUDA-graph capture,
@@ -18,6 +19,7 @@ re-runs its warm-up and then measures only the rounds still missing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -25,20 +27,21 @@ from typing import Any
 
 import torch
 
-from stc import CacherConfig, PrunerConfig
-from stc_bench.config import BenchConfig
+from stc_bench.config import BenchConfig, parse_arm_override
 from stc_bench.device import Device, resolve_device, resolve_dtype
 from stc_bench.env import capture_environment, gpu_state
 from stc_bench.errors import BenchUsageError
 from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Pipeline, StreamOutput
+from stc_bench.frameworks.framework import FrameworkSpec, Pipeline, StreamOutput
 from stc_bench.frameworks.parts import attention_implementations
-from stc_bench.measurement import Arm, Measurement
-from stc_bench.results import PointResult, RunResult, stage_spec
+from stc_bench.measurement import BASELINE, Measurement
+from stc_bench.methods import get_method
+from stc_bench.methods.method import COMPRESS, Arm, HookSite, MethodError
+from stc_bench.results import ArmResult, RunResult, stage_spec
 from stc_bench.run_folder import RunFolder
 from stc_bench.timing import StageTimer
-from stc_bench.video import load_clip
+from stc_bench.video import VideoSource, load_clip, resolve_video
 
 logger = logging.getLogger(__name__)
 
@@ -65,35 +68,60 @@ def choose_scale(config: BenchConfig, device: Device) -> tuple[str, str]:
     return "small", "auto: no CUDA device, so a narrower model with the same token counts (full needs a GPU)"
 
 
-def arms_of(config: BenchConfig, uses_pruner: bool = True) -> list[ArmSettings]:
-    """The baseline arm, then one +STC arm per point of the config (with the pruner only for
-    frameworks where STC uses it)."""
-    if not uses_pruner and len(config.tokens_per_frame) > 1:
+def arms_of(config: BenchConfig, site: HookSite) -> list[Arm]:
+    """The arms of a run, baseline first: STC at every point of its knobs, then each peer method
+    at every ``--tokens-per-frame`` with its ``--arm`` knob settings. Raises ``MethodError``
+    (a usage error) naming the fix when an arm cannot run on this framework."""
+    uses_pruner = COMPRESS in site.hooks
+    if "stc" in config.arms and not uses_pruner and len(config.tokens_per_frame) > 1:
         raise BenchUsageError(f"--tokens-per-frame: STC uses no pruner on {config.framework}, so sweeping it "
                               "measures the same thing twice; give one value")
-    arms = [ArmSettings(Arm.BASELINE.value)]
-    for p in config.points:
-        cacher = CacherConfig(update_ratio=p.ratio, cache_interval=p.interval, metric=config.metric,
-                              selection=config.selection, cuda_graph=config.cuda_graph)
-        pruner = PrunerConfig(tokens_per_frame=p.tokens_per_frame) if uses_pruner else None
-        arms.append(ArmSettings(Arm.STC.value, p, cacher, pruner))
-    return arms
+    overrides: dict[str, dict[str, str]] = {}
+    for text in config.arm_overrides:
+        method, knob, value = parse_arm_override(text)
+        overrides.setdefault(method, {})[knob] = value
+    arms = [BASELINE]
+    for name in config.arms:
+        spec = get_method(name)
+        if name == "baseline":
+            continue
+        problem = spec.why_not(site)
+        if problem:
+            raise MethodError(f"--arms {name}: not available on {config.framework} ({problem}); leave it out of --arms")
+        if name == "stc":
+            arms += [spec.arm(ratio=p.ratio, interval=p.interval, tokens_per_frame=p.tokens_per_frame, metric=config.metric,
+                              selection=config.selection, cuda_graph=config.cuda_graph) for p in config.points]
+            continue
+        knobs = {k.name: k for k in spec.knobs}
+        given = {}
+        for knob, value in overrides.get(name, {}).items():
+            if knob not in knobs:
+                raise MethodError(f"--arm {name}:{knob}=...: {name} has no knob {knob!r} (its knobs: {', '.join(knobs) or 'none'})")
+            given[knob] = knobs[knob].parse(value, name)
+        for budget in config.tokens_per_frame:
+            values = {"tokens_per_frame": budget, **given} if "tokens_per_frame" in knobs else given
+            arms.append(spec.arm(**values))
+    labels = [a.label for a in arms]
+    if len(set(labels)) != len(labels):
+        raise MethodError("two arms have the same label (" + ", ".join(sorted({x for x in labels if labels.count(x) > 1}))
+                          + "): give them different knobs")
+    return list(dict.fromkeys(arms))
 
 
-def _empty_samples(arms: list[ArmSettings], stages: tuple[str, ...]) -> dict[str, Any]:
+def _empty_samples(arms: list[Arm], stages: tuple[str, ...]) -> dict[str, Any]:
     """JSON-safe raw samples: arm label -> totals/chunks per stage, peak memory."""
     return {a.label: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None}
             for a in arms}
 
 
-def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: ArmSettings, device: Device, chunk_frames: int,
+def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Device, chunk_frames: int,
                 timer: StageTimer):
     device.reset_peak_memory()
     pipeline.stream(clip, arm, timer, chunk_frames)
     return timer.finish(), device.peak_memory_mb()
 
 
-def prepare_arms(pipeline: Pipeline, clip: torch.Tensor, arms: list[ArmSettings], timer: StageTimer,
+def prepare_arms(pipeline: Pipeline, clip: torch.Tensor, arms: list[Arm], timer: StageTimer,
                  chunk_frames: int) -> dict[str, StreamOutput]:
     """One untimed pass per arm, capturing what fidelity needs; everything a stream does once
     (graph capture, device index tensors, the timer's events) happens here, not in a timed span."""
@@ -110,10 +138,10 @@ def measure_frame_count(
     run: dict,
     device: Device,
     clip: torch.Tensor,
-    arms: list[ArmSettings],
+    arms: list[Arm],
     tick: Callable[[], None],
     folder: RunFolder | None = None,
-) -> tuple[list[Measurement], list[PointResult]]:
+) -> tuple[list[Measurement], list[ArmResult]]:
     """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts."""
     frames = clip.shape[0]
     chunk_frames = run["chunk_frames"]
@@ -153,23 +181,23 @@ def measure_frame_count(
                 meta["chunk_kinds"] = out.chunk_kinds
             if s["peak_mb"] is not None:
                 meta["peak_memory_mb"] = s["peak_mb"]
-            spec = stage_spec(config, run, device.label, frames, stage, arm.point)
+            spec = stage_spec(config, run, device.label, frames, stage, arm)
             measurements.append(Measurement(spec, s["totals"][stage], config.warmup, s["chunks"][stage], meta))
-    base = captured[arms[0].label]
-    points = []
-    for arm in arms[1:]:
+    base = captured[BASELINE.label]
+    facts = []
+    for arm in arms:
         out = captured[arm.label]
-        points.append(PointResult(
+        facts.append(ArmResult(
             frames=frames,
-            point=arm.point,
-            macs={Arm.BASELINE.value: pipeline.macs(frames, arms[0], chunk_frames),
-                  Arm.STC.value: pipeline.macs(frames, arm, chunk_frames)},
-            tokens={Arm.BASELINE.value: base.tokens, Arm.STC.value: out.tokens},
-            fidelity=compare_streams(base, out),
+            arm=arm,
+            macs=pipeline.macs(frames, arm, chunk_frames, out),
+            tokens=out.tokens,
+            fidelity={} if arm.is_baseline else compare_streams(base, out),
             chunk_kinds=out.chunk_kinds,
             recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
+            graphs=dataclasses.asdict(out.graph_stats) if out.graph_stats is not None else None,
         ))
-    return measurements, points
+    return measurements, facts
 
 
 def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
@@ -194,12 +222,12 @@ def _out_of_memory(err: BaseException, what: str, settings: str, advice: str) ->
 
 
 def _run_block(config: BenchConfig, framework: FrameworkSpec, scale: str, reason: str, dtype_name: str,
-               pipeline: Pipeline | None) -> dict[str, Any]:
+               pipeline: Pipeline | None, video: VideoSource) -> dict[str, Any]:
     """How the run was built, for the report (``pipeline`` None: the build itself failed)."""
     return {
         "scale": scale, "scale_reason": reason, "dtype": dtype_name,
         "weights": "checkpoint" if config.checkpoint else "random",
-        "video": config.video or "synthetic",
+        "video": video.label,
         "architecture": pipeline.description if pipeline else {},
         "stc_components": framework.stc_components,
         "chunk_frames": config.chunk_frames or (pipeline.default_chunk_frames if pipeline else None),
@@ -215,7 +243,8 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     scale, reason = choose_scale(config, device)
     torch.manual_seed(config.seed)
     framework = get_framework(config.framework)
-    arms = arms_of(config, uses_pruner="pruner" in framework.stc_components)
+    arms = arms_of(config, framework.site())
+    video = resolve_video(config.video, max(config.frames), config.fps)  # before the build: a bad --video fails at once
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
     try:
         pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
@@ -223,7 +252,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         message = _out_of_memory(err, f"while building {config.framework}", f"scale {scale}, dtype {dtype_name}, on {device.label}",
                                  "try a smaller --scale, --dtype float16, or a device with more free memory")
         result = resume or RunResult(config=config, environment=capture_environment(device),
-                                     run=_run_block(config, framework, scale, reason, dtype_name, None))
+                                     run=_run_block(config, framework, scale, reason, dtype_name, None, video))
         result.errors.append(message)
         if folder is not None:
             folder.save_result(result)
@@ -233,11 +262,11 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     else:
         result = RunResult(config=config, environment=capture_environment(device),
-                           run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline))
+                           run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline, video))
     if folder is not None:
         folder.save_result(result)
-    finished = {p.frames for p in result.points}
-    clip_all = load_clip(max(config.frames), pipeline.image_size, config.video, config.fps, config.seed,
+    finished = set(result.frame_counts)
+    clip_all = load_clip(max(config.frames), pipeline.image_size, video, config.fps, config.seed,
                          mean=pipeline.mean, std=pipeline.std)
     passes = len(config.frames) * ((config.warmup + config.repeats) * len(arms) + 1)
     done = len(finished) * ((config.warmup + config.repeats) * len(arms) + 1)
@@ -255,7 +284,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         clip = clip_all[:frames].to(device.torch_device, dtype)
         try:
             with torch.inference_mode():
-                measurements, points = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder)
+                measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder)
         except (torch.cuda.OutOfMemoryError, MemoryError) as err:
             settings = f"scale {pipeline.scale}, dtype {dtype_name}, --chunk-frames {result.run['chunk_frames']}"
             result.errors.append(_out_of_memory(err, f"at --frames {frames}", settings,
@@ -264,7 +293,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         except KeyboardInterrupt:
             raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result) from None
         result.measurements.extend(measurements)
-        result.points.extend(points)
+        result.arms.extend(facts)
         if folder is not None:
             folder.save_result(result)
             folder.clear_progress()

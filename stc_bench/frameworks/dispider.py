@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from stc.flops import vit_tower_macs
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
-from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, encode_steps, vit_shape
+from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
+from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, encode_steps, tower_site, vit_shape
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
+from stc_bench.methods import get_method
+from stc_bench.methods.method import TOWER, Arm
 from stc_bench.timing import StageTimer
 from stc_bench.video import CLIP_MEAN, CLIP_STD
 
@@ -54,6 +55,7 @@ class DispiderPipeline:
         self.shape = shape
         self.vision_tower = vision_tower
         self.image_size = shape.tower.image_size
+        self.site = tower_site("dispider", FRAMEWORK.hooks, vision_tower, shape.tower.grid**2 + 1, shape.tower.layers)
 
     def modules(self) -> list[nn.Module]:
         """The vision tower (the only part built)."""
@@ -65,20 +67,23 @@ class DispiderPipeline:
         return {"vit": self.shape.tower.describe("CLIP"),
                 "tokens": f"{self.shape.tower.grid ** 2} patch tokens + CLS per frame (CLS always recomputed)"}
 
-    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+    def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """Every clip of ``chunk_frames`` frames through the tower, timed per clip."""
-        steps, stats = encode_steps(self.vision_tower, clip, arm, timer, chunk_frames)
+        method = method_stream(arm, self.site)
+        steps = encode_steps(self.vision_tower, clip, method, timer, chunk_frames)
         return StreamOutput(
-            tokens={"vit": clip.shape[0] * (self.shape.tower.grid ** 2 + 1)},
-            chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
-            cacher_stats=stats,
-            features=torch.cat(steps)[:, 1:] if capture else None,                        # drop CLS: (T, 256, d)
+            tokens={"vit": sum(s.shape[0] * s.shape[1] for s in steps)},
+            llm_steps=[],
+            chunk_kinds=chunk_kinds(method.cacher_stats, len(chunk_starts(clip.shape[0], chunk_frames))),
+            cacher_stats=method.cacher_stats,
+            graph_stats=method.graph_stats,
+            features=torch.cat(steps)[:, 1:] if capture else None,                        # drop CLS: (T, n - 1, d)
         )
 
-    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
-        """ViT multiply-adds (CLS included)."""
-        return {"vit": vit_tower_macs(vit_shape(self.shape.tower, prefix_tokens=1), frames, arm.cacher)}
+    def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
+        """ViT multiply-adds under the arm (CLS included)."""
+        return {"vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower, prefix_tokens=1), frames)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> DispiderPipeline:
@@ -98,5 +103,6 @@ FRAMEWORK = FrameworkSpec(
     summary="Dispider: CLIP ViT-L/14 @ 224 px on clips of 16 frames",
     presets=PRESETS,
     build=build,
-    stc_components="cacher",
+    hooks=frozenset({TOWER}),
+    tower_kind="CLIPEncoderLayer",
 )

@@ -11,25 +11,15 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from stc import CacherConfig, PrunerConfig
-from stc.cacher import CacherStats
-from stc_bench.config import STCPoint
+from stc.cacher import CacherStats, GraphStats
+from stc_bench.methods import get_method
+from stc_bench.methods.method import COMPRESS, Arm, HookSite, MethodStream
 from stc_bench.timing import StageTimer
 
 
-@dataclass(frozen=True)
-class ArmSettings:
-    """One arm of a run: the baseline (no STC) or +STC at ``point``."""
-
-    arm: str
-    point: STCPoint | None = None
-    cacher: CacherConfig | None = None
-    pruner: PrunerConfig | None = None
-
-    @property
-    def label(self) -> str:
-        """``baseline`` or ``stc r0.25 N2 k64``."""
-        return self.arm if self.point is None else f"{self.arm} {self.point.label}"
+def method_stream(arm: Arm, site: HookSite) -> MethodStream:
+    """The per-stream hooks of ``arm`` on a framework's hook site (a fresh object per video)."""
+    return get_method(arm.method).stream(arm, site)
 
 
 @dataclass
@@ -38,9 +28,13 @@ class StreamOutput:
 
     tokens: dict[str, int]
     """Tokens each stage emitted over the whole stream."""
+    llm_steps: list[int]
+    """Tokens of each timed pre-fill call, in order (visual and text): the pre-fill MAC model's input."""
     chunk_kinds: list[str]
     """Per chunk: "full" (no cacher), "refresh", "selective" or "mixed"."""
     cacher_stats: CacherStats | None = None
+    graph_stats: GraphStats | None = None
+    """The tower's CUDA-graph counts after the stream (None where graphs were not asked for)."""
     features: torch.Tensor | None = None
     """(T, n, d) final ViT features, when captured."""
     logits: torch.Tensor | None = None
@@ -71,13 +65,16 @@ class Pipeline(Protocol):
     description: dict[str, Any]
     """Architecture facts for the report (widths, layers, tokens per stage)."""
 
-    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+    site: HookSite
+    """Where methods act in this pipeline: the hook points it offers and the tower."""
+
+    def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """Stream the normalised frames clip (T, 3, H, W) once through every stage."""
+        """Stream the normalised frames clip (T, 3, H, W) once through every stage under ``arm``."""
         ...
 
-    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
-        """Analytic multiply-adds per stage for this stream (None where not modelled)."""
+    def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
+        """Analytic multiply-adds per stage of a stream whose exact counts are ``out`` (None where not modelled)."""
         ...
 
     def modules(self) -> list[torch.nn.Module]:
@@ -94,4 +91,16 @@ class FrameworkSpec:
     presets: dict[str, Preset]
     build: Callable[..., Pipeline]
     """build(scale, device, dtype, seed, checkpoint) -> Pipeline"""
-    stc_components: str
+    hooks: frozenset[str]
+    """Hook points the framework offers methods (``tower``, ``compress``)."""
+    tower_kind: str
+    """The tower's layer class, e.g. ``SiglipEncoderLayer``: what a tower method must be able to patch."""
+
+    @property
+    def stc_components(self) -> str:
+        """What STC uses here: the cacher, plus the pruner where the framework has a compression step."""
+        return "cacher + pruner" if COMPRESS in self.hooks else "cacher"
+
+    def site(self) -> HookSite:
+        """The hook site as known before building (no tower yet): enough to check which arms can run."""
+        return HookSite(self.name, self.hooks, tower_kind=self.tower_kind, class_token=self.tower_kind == "CLIPEncoderLayer")

@@ -9,19 +9,21 @@ one), with a temporal group as the unit of reuse; the pre-fill is unchanged by S
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-import stc
-from stc.flops import LLMShape, ViTShape, streamed_prefill_macs, vit_tower_macs
+from stc.flops import LLMShape, ViTShape, streamed_prefill_macs
 from stc.integrations import batched_attention
 from stc_bench.device import host_resident
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
-from stc_bench.frameworks.parts import QWEN2, CausalLM, chunk_kinds, chunk_starts, describe_llm
+from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
+from stc_bench.frameworks.parts import QWEN2, CausalLM, chunk_kinds, chunk_starts, describe_llm, tower_site
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
+from stc_bench.methods import get_method
+from stc_bench.methods.method import TOWER, Arm
 from stc_bench.timing import StageTimer
 from stc_bench.video import CLIP_MEAN, CLIP_STD
 
@@ -99,12 +101,23 @@ def precomputed_vision_inputs(grid: torch.Tensor, merge: int, device: torch.devi
     """Rotary position ids (on ``device``) and attention boundaries of a call, computed before the
     timed span: the tower otherwise derives them from ``grid_thw`` with host loops and, on a GPU,
     a host-to-device copy inside the span. transformers accepts them precomputed from 5.x on
-    (``transformers.vision_utils``); older versions compute them inside the tower."""
+    (``transformers.vision_utils``); older versions compute them inside the tower.
+
+    They depend on the grid alone, so each grid's are made once per process: a host-to-device
+    copy of pageable memory would otherwise synchronise the stream before every step's span.
+    The tensors are shared: never write into them.
+    """
+    return dict(_vision_inputs(tuple(tuple(int(v) for v in row) for row in grid.tolist()), merge, device))
+
+
+@functools.lru_cache(maxsize=64)
+def _vision_inputs(grid: tuple[tuple[int, ...], ...], merge: int, device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
     try:
         from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
     except ImportError:
-        return {}
-    return {"position_ids": get_vision_position_ids(grid, merge).to(device), "cu_seqlens": get_vision_cu_seqlens(grid)}
+        return ()
+    grid_thw = torch.tensor(grid)
+    return (("position_ids", get_vision_position_ids(grid_thw, merge).to(device)), ("cu_seqlens", get_vision_cu_seqlens(grid_thw)))
 
 
 def build_vision_tower(shape: QwenVisionShape, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -144,6 +157,7 @@ class LiveCCPipeline:
         self.vision_tower = vision_tower
         self.llm = llm
         self.image_size = shape.vision.image_size
+        self.site = tower_site("livecc", FRAMEWORK.hooks, vision_tower, shape.vision.tokens, shape.vision.depth)
         self._turn_ids = llm.random_ids(TURN_TOKENS, seed)
         self._query_ids = llm.random_ids(QUERY_TOKENS, seed + 1)
 
@@ -167,14 +181,16 @@ class LiveCCPipeline:
         """(start, end) frames of each streaming step."""
         return chunk_starts(frames, chunk_frames, first=FIRST_STEP_FRAMES)
 
-    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+    def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """One video: per step the tower on the new frames, then their pre-fill with the turn text."""
         v = self.shape.vision
         cache = self.llm.new_cache()
-        features, vit_tokens, prefill_tokens = [], 0, 0
-        patch = stc.cacher_attached(self.vision_tower, arm.cacher) if arm.cacher else batched_attention(self.vision_tower)
-        with patch as handle:
+        features, vit_tokens, steps = [], 0, []
+        method = method_stream(arm, self.site)
+        # Like for like: an arm that leaves the tower alone gets the batched attention the cacher runs.
+        patch = method.tower() if method.patches_tower else batched_attention(self.vision_tower)
+        with patch:
             for step, (start, end) in enumerate(self.steps(clip.shape[0], chunk_frames)):
                 pixels, grid = patchify(clip[start:end], v.patch_size, v.temporal_patch, v.merge)
                 precomputed = precomputed_vision_inputs(grid, v.merge, pixels.device)
@@ -185,26 +201,28 @@ class LiveCCPipeline:
                     embeds = torch.cat([self.llm.embed(self._turn_ids)[0], visual]).unsqueeze(0)  # (1, L, C)
                     self.llm.forward_embeds(embeds, cache)
                 vit_tokens += out.last_hidden_state.shape[0]
-                prefill_tokens += embeds.shape[1]
+                steps.append(embeds.shape[1])
                 if capture:
                     features.append(out.last_hidden_state.view(-1, v.tokens, v.width))
-        stats = handle.stats if arm.cacher else None
+        stats = method.cacher_stats
         return StreamOutput(
-            tokens={"vit": vit_tokens, "prefill": prefill_tokens},
+            tokens={"vit": vit_tokens, "prefill": sum(steps)},
+            llm_steps=steps,
             chunk_kinds=chunk_kinds(stats, len(self.steps(clip.shape[0], chunk_frames))),
             cacher_stats=stats,
+            graph_stats=method.graph_stats,
             features=torch.cat(features) if capture else None,
             logits=self.llm.text_logits(self._query_ids, cache) if capture else None,
         )
 
-    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
-        """Tower blocks per temporal group (the merger is identical in both arms and left out) and pre-fill."""
+    def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
+        """Tower blocks per temporal group under the arm (the merger is identical in every arm and
+        left out) and the pre-fill of the tokens each step sent."""
         v = self.shape.vision
         groups = sum(-(-(end - start) // v.temporal_patch) for start, end in self.steps(frames, chunk_frames))
         shape = ViTShape(tokens=v.tokens, width=v.width, mlp_width=v.width * v.mlp_ratio, layers=v.depth)
-        chunks = [TURN_TOKENS + -(-(end - start) // v.temporal_patch) * v.merged_tokens
-                  for start, end in self.steps(frames, chunk_frames)]
-        return {"vit": vit_tower_macs(shape, groups, arm.cacher), "prefill": streamed_prefill_macs(self.shape.llm, chunks)}
+        return {"vit": get_method(arm.method).tower_macs(arm, shape, groups),
+                "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> LiveCCPipeline:
@@ -220,5 +238,6 @@ FRAMEWORK = FrameworkSpec(
     summary="LiveCC-7B: Qwen2-VL ViT per 2-frame step + Qwen2-7B-class pre-fill into a KV cache",
     presets=PRESETS,
     build=build,
-    stc_components="cacher",
+    hooks=frozenset({TOWER}),
+    tower_kind="Qwen2VLVisionBlock",
 )

@@ -3,16 +3,16 @@ builders from transformers classes, and the decoder wrapper used for pre-fill.""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import stc
+from stc.cacher import CacherStats
 from stc.flops import LLMShape, ViTShape
-from stc_bench.frameworks.framework import ArmSettings
 from stc_bench.frameworks.weights import build_random
+from stc_bench.methods.method import HookSite, MethodStream
 
 
 @dataclass(frozen=True)
@@ -166,24 +166,31 @@ class CausalLM:
         return torch.randint(0, self.shape.vocab, (1, length), generator=g).to(self.device)
 
 
-def encode_steps(tower: nn.Module, clip: torch.Tensor, arm: ArmSettings, timer, chunk_frames: int):
-    """Feed the clip to a CLIP/SigLIP tower ``chunk_frames`` frames per call, each call timed as
-    stage "vit"; returns the last-layer features (before post-norm) of every call and the
-    cacher's stats (None for the baseline)."""
+def encode_steps(tower: nn.Module, clip: torch.Tensor, method: MethodStream, timer, chunk_frames: int) -> list[torch.Tensor]:
+    """Feed the clip to a CLIP/SigLIP tower ``chunk_frames`` frames per call under the arm's
+    tower hook, each call timed as stage "vit"; returns the last-layer features (before
+    post-norm) of every call."""
     features = []
-    with cacher_for(tower, arm) as handle:
+    with method.tower():
         for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
             with timer.span("vit", step):
                 features.append(tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1])
-    return features, (handle.stats if handle is not None else None)
+    return features
 
 
-def cacher_for(tower: nn.Module, arm: ArmSettings):
-    """``stc.cacher_attached`` for an arm with a cacher, else a context yielding None."""
-    return stc.cacher_attached(tower, arm.cacher) if arm.cacher is not None else contextlib.nullcontext()
+def tower_site(framework: str, hooks: frozenset[str], tower: nn.Module, tokens: int, layers: int,
+               pool=None) -> HookSite:
+    """The hook site of a built pipeline whose tower is ``tower`` (its layer class found by STC's
+    integration, so CLS handling follows the tower)."""
+    _, _, kind = stc.integrations.find_vision_layers(tower)
+    site = HookSite(framework, hooks, tower=tower, tower_kind=kind, class_token=kind == "CLIPEncoderLayer",
+                    tower_tokens=tokens, tower_layers=layers)
+    if pool is not None:
+        site.pool = pool
+    return site
 
 
-def chunk_kinds(stats, chunks: int) -> list[str]:
+def chunk_kinds(stats: CacherStats | None, chunks: int) -> list[str]:
     """Per ViT call, what the cacher did: "full" without a cacher, else refresh/selective/mixed."""
     if stats is None:
         return ["full"] * chunks

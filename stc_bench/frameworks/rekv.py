@@ -2,7 +2,7 @@
 
 Per chunk of ``chunk_frames`` frames (1 in STC): SigLIP (26 layers, 729 tokens per frame,
 last-layer features without post-norm) -> projector (Linear, GELU, Linear) -> 2x2 bilinear
-pooling (27x27 -> 14x14 = 196 tokens) -> STC-Pruner (+STC arm) -> one LLM pre-fill of the
+pooling (27x27 -> 14x14 = 196 tokens) -> the arm's compression hook (STC-Pruner, a peer) -> one LLM pre-fill of the
 chunk's visual tokens appended to the KV cache, after an untimed system-prompt pre-fill.
 """
 
@@ -15,24 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import stc
-from stc.flops import LLMShape, streamed_prefill_macs, vit_tower_macs
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc.flops import LLMShape, streamed_prefill_macs
+from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
 from stc_bench.frameworks.parts import (
     SIGLIP_QWEN2,
     CausalLM,
     TowerLLMShape,
     TowerShape,
     build_siglip,
-    cacher_for,
     chunk_kinds,
     chunk_starts,
     describe_llm,
     qwen2_config,
     siglip_config,
+    tower_site,
     vit_shape,
 )
 from stc_bench.frameworks.weights import CheckpointError, build_random, read_checkpoint_config
+from stc_bench.methods import get_method
+from stc_bench.methods.method import COMPRESS, TOWER, Arm, MethodStream
 from stc_bench.timing import StageTimer
 
 SYSTEM_PROMPT_TOKENS = 24
@@ -88,6 +89,8 @@ class RekvPipeline:
         self.llm = llm
         self.image_size = shape.tower.image_size
         self.grid = shape.tower.grid
+        self.site = tower_site("rekv", FRAMEWORK.hooks, vision_tower, self.grid**2, shape.tower.layers,
+                               pool=lambda maps: pool_2x2_bilinear(maps, self.grid))
         self._prompt_ids = llm.random_ids(SYSTEM_PROMPT_TOKENS, seed)
         self._query_ids = llm.random_ids(QUERY_TOKENS, seed + 1)
 
@@ -100,10 +103,6 @@ class RekvPipeline:
     def pooled_tokens(self) -> int:
         """Visual tokens per frame after 2x2 pooling."""
         return math.ceil(self.grid / 2) ** 2
-
-    def modules(self) -> list[nn.Module]:
-        """The vision tower, the projector and the LLM's modules."""
-        return [self.vision_tower, self.projector, *self.llm.modules()]
 
     @property
     def description(self) -> dict[str, Any]:
@@ -119,49 +118,60 @@ class RekvPipeline:
         """ViT features of the last layer, before post-norm: (t, 3, H, W) -> (t, 729, d)."""
         return self.vision_tower(pixel_values=frames, output_hidden_states=True).hidden_states[-1]
 
-    def compress(self, features: torch.Tensor, pruner: stc.STCPruner | None) -> torch.Tensor:
-        """Projector, pooling and (for +STC) the pruner: (t, 729, d) -> (t, k, C)."""
-        pooled = pool_2x2_bilinear(self.projector(features), self.grid)                  # (t, 196, C)
-        return pooled if pruner is None else pruner.compress(pooled).tokens              # (t, k, C)
+    def compress(self, features: torch.Tensor, method: MethodStream) -> torch.Tensor:
+        """Projector, pooling, then the arm's compression hook: (t, n, d) -> (t, k, C).
 
-    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+        Pooling needs the 27x27 grid: when a method inside the tower (ToMe) left fewer tokens
+        than the grid has, there is no grid to pool and the projected tokens go on unpooled.
+        """
+        projected = self.projector(features)                                               # (t, n, C)
+        if projected.shape[1] == self.grid**2:
+            projected = pool_2x2_bilinear(projected, self.grid)                            # (t, 196, C)
+        return method.compress(projected)                                                  # (t, k, C)
+
+    def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """One video: untimed system prompt, then per chunk the three timed stages. With
         ``capture``, also the final ViT features and the logits of a fixed query pre-filled
         (untimed) after the stream: what the model would answer from, given each arm's cache."""
         cache = self.llm.new_cache()
         self.llm.text_logits(self._prompt_ids, cache)
-        pruner = stc.STCPruner(arm.pruner) if arm.pruner is not None else None
-        features, tokens_out = [], 0
-        with cacher_for(self.vision_tower, arm) as handle:
+        method = method_stream(arm, self.site)
+        features, vit_tokens, steps = [], 0, []
+        with method.tower():
             for chunk, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
                 with timer.span("vit", chunk):
                     feats = self.encode(clip[start:end])
                 with timer.span("compress", chunk):
-                    visual = self.compress(feats, pruner)
+                    visual = self.compress(feats, method)
                 with timer.span("prefill", chunk):
                     self.llm.forward_embeds(visual.reshape(1, -1, visual.shape[-1]), cache)   # (1, t*k, C)
-                tokens_out += visual.shape[0] * visual.shape[1]
+                vit_tokens += feats.shape[0] * feats.shape[1]
+                steps.append(visual.shape[0] * visual.shape[1])
                 if capture:
                     features.append(feats)
-        stats = handle.stats if handle is not None else None
+        stats = method.cacher_stats
         frames = clip.shape[0]
         return StreamOutput(
-            tokens={"vit": frames * self.vit_tokens, "compress": tokens_out, "prefill": tokens_out},
+            tokens={"vit": vit_tokens, "compress": sum(steps), "prefill": sum(steps)},
+            llm_steps=steps,
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(frames, chunk_frames))),
             cacher_stats=stats,
+            graph_stats=method.graph_stats,
             features=torch.cat(features) if capture else None,
             logits=self.llm.text_logits(self._query_ids, cache) if capture else None,
         )
 
-    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
-        """ViT and pre-fill multiply-adds of this stream; compress is not modelled (None)."""
-        per_frame = self.pooled_tokens if arm.pruner is None else min(arm.pruner.tokens_per_frame, self.pooled_tokens)
-        chunks = [(end - start) * per_frame for start, end in chunk_starts(frames, chunk_frames)]
+    def modules(self) -> list[nn.Module]:
+        """The vision tower, the projector and the LLM's modules."""
+        return [self.vision_tower, self.projector, *self.llm.modules()]
+
+    def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
+        """ViT multiply-adds under the arm, and pre-fill of the tokens each step sent; compress is not modelled."""
         return {
-            "vit": vit_tower_macs(vit_shape(self.shape.tower), frames, arm.cacher),
+            "vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower), frames),
             "compress": None,
-            "prefill": streamed_prefill_macs(self.shape.llm, chunks, past_tokens=SYSTEM_PROMPT_TOKENS),
+            "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, past_tokens=SYSTEM_PROMPT_TOKENS),
         }
 
 
@@ -206,5 +216,6 @@ FRAMEWORK = FrameworkSpec(
     summary="ReKV on LLaVA-OneVision-7B: SigLIP ViT + Qwen2-7B pre-fill into a KV cache",
     presets=PRESETS,
     build=build,
-    stc_components="cacher + pruner",
+    hooks=frozenset({TOWER, COMPRESS}),
+    tower_kind="SiglipEncoderLayer",
 )

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stc.flops import prefill_macs, vit_tower_macs
-from stc_bench.frameworks.framework import ArmSettings, FrameworkSpec, Preset, StreamOutput
+from stc.flops import prefill_macs
+from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
 from stc_bench.frameworks.parts import (
     SIGLIP_QWEN2,
     CausalLM,
@@ -28,9 +28,12 @@ from stc_bench.frameworks.parts import (
     chunk_starts,
     describe_llm,
     encode_steps,
+    tower_site,
     vit_shape,
 )
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
+from stc_bench.methods import get_method
+from stc_bench.methods.method import TOWER, Arm
 from stc_bench.timing import StageTimer
 
 SHORT_TERM_TOKENS = 128
@@ -125,6 +128,7 @@ class StreamForestPipeline:
         self.projector = projector
         self.llm = llm
         self.image_size = shape.tower.image_size
+        self.site = tower_site("streamforest", FRAMEWORK.hooks, vision_tower, shape.tower.grid**2, shape.tower.layers)
         self._prompt_ids = llm.random_ids(PROMPT_TOKENS, seed)
 
     def modules(self) -> list[nn.Module]:
@@ -141,11 +145,13 @@ class StreamForestPipeline:
                       f"{SHORT_TERM_TOKENS}, long-term {LONG_TERM_TOKENS_PER_FRAME}; +{PROMPT_TOKENS} prompt tokens",
         }
 
-    def stream(self, clip: torch.Tensor, arm: ArmSettings, timer: StageTimer, chunk_frames: int,
+    def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """Encode every frame (timed per step), then build memory and pre-fill it with the prompt."""
-        steps, stats = encode_steps(self.vision_tower, clip, arm, timer, chunk_frames)
-        features = [f for step in steps for f in step.unbind(0)]                          # (729, d) each
+        method = method_stream(arm, self.site)
+        steps = encode_steps(self.vision_tower, clip, method, timer, chunk_frames)
+        stats = method.cacher_stats
+        features = [f for step in steps for f in step.unbind(0)]                          # (n, d) each: 729 unless merged
         with timer.span("compress", 0):
             memory = self.projector(memory_tokens(features))                              # (M, C)
         with timer.span("prefill", 0):
@@ -155,21 +161,18 @@ class StreamForestPipeline:
             hidden = self.llm.forward_embeds(embeds, self.llm.new_cache())
         return StreamOutput(
             tokens={"vit": sum(f.shape[0] for f in features), "compress": memory.shape[0], "prefill": embeds.shape[1]},
+            llm_steps=[embeds.shape[1]],
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(clip.shape[0], chunk_frames))),
             cacher_stats=stats,
-            features=torch.stack(features) if capture else None,
+            graph_stats=method.graph_stats,
+            features=torch.stack(features) if capture and len({f.shape for f in features}) == 1 else None,
             logits=self.llm.lm_head(hidden[0, -QUERY_TOKENS:]) if capture else None,
         )
 
-    def memory_size(self, frames: int) -> int:
-        """Memory tokens for ``frames`` frames (short-term arithmetic; exact up to 26 frames)."""
-        return self.shape.tower.grid ** 2 + SHORT_TERM_TOKENS * (frames - 1)
-
-    def macs(self, frames: int, arm: ArmSettings, chunk_frames: int) -> dict[str, int | None]:
-        """ViT multiply-adds; the pre-fill is the same in both arms (counted for frames <= 26)."""
-        prefill = prefill_macs(self.shape.llm, self.memory_size(frames) + PROMPT_TOKENS, logits_tokens=0)
-        return {"vit": vit_tower_macs(vit_shape(self.shape.tower), frames, arm.cacher), "compress": None,
-                "prefill": prefill if frames < SHORT_TERM_WINDOW + EVENT_SPLIT_WINDOW + 1 else None}
+    def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
+        """ViT multiply-adds under the arm, and the one pre-fill of memory + prompt."""
+        return {"vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower), frames), "compress": None,
+                "prefill": sum(prefill_macs(self.shape.llm, m, logits_tokens=0) for m in out.llm_steps)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> StreamForestPipeline:
@@ -187,5 +190,6 @@ FRAMEWORK = FrameworkSpec(
     summary="StreamForest-Qwen2-7B: SigLIP ViT frame by frame, ToMe memory, one Qwen2-7B pre-fill per query",
     presets=PRESETS,
     build=build,
-    stc_components="cacher",
+    hooks=frozenset({TOWER}),
+    tower_kind="SiglipEncoderLayer",
 )

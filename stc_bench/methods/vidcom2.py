@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from stc.pruner.scoring import gaussian_similarity, low_variance_channels
+from stc_bench.methods.method import COMPRESS, Arm, HookSite, Knob, MethodSpec, MethodStream, at_least_one
 
 GAUSSIAN_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)
 """Bandwidths alpha of the multi-scale Gaussian similarity (upstream default)."""
@@ -124,8 +125,17 @@ def compress_stream_call(features: torch.Tensor, tokens_per_frame: int,
     frame_centre = unit.mean(dim=1, keepdim=True)                                # (T, 1, c)
     to_video = gaussian_similarity(unit, video_centre, GAUSSIAN_SCALES)          # (T, n)
     to_frame = gaussian_similarity(unit, frame_centre, GAUSSIAN_SCALES)          # (T, n)
-    budgets = frame_budgets(-to_video.mean(dim=-1), tokens_per_frame, num_tokens)
-    frame_of, position = keep_lowest(to_video + to_frame, budgets)
+    scores = to_video + to_frame                                                 # (T, n)
+    if frames == 1:
+        # One frame per call (ReKV's protocol): its budget is the whole call's, with no host
+        # round trip; a stable sort keeps the lowest scores, ties to the lower index.
+        per_frame = min(tokens_per_frame, num_tokens)
+        position = torch.sort(torch.sort(scores[0], stable=True).indices[:per_frame]).values   # (k,)
+        frame_of = torch.zeros_like(position)
+        budgets = torch.full((1,), per_frame, dtype=torch.long, device=features.device)
+        return VidCom2Tokens(features[0, position], frame_of, position, budgets), state
+    budgets = frame_budgets(-to_video.mean(dim=-1), tokens_per_frame, num_tokens)    # per-frame budgets: one host sync
+    frame_of, position = keep_lowest(scores, budgets)
     return VidCom2Tokens(features[frame_of, position], frame_of, position, budgets), state
 
 
@@ -133,3 +143,32 @@ def compress_video(features: torch.Tensor, tokens_per_frame: int) -> VidCom2Toke
     """VidCom² over a whole video, features (T, n, C), as upstream (offline: every frame's
     budget and scores see the whole video)."""
     return compress_stream_call(features, tokens_per_frame)[0]
+
+
+# --- VidCom² as an arm of stc-bench --------------------------------------------------------------
+
+
+class VidCom2Stream(MethodStream):
+    """One video under VidCom², causal: each streaming step's tokens are scored against the
+    running video centre of every token seen so far (``compress_stream_call``)."""
+
+    def __init__(self, arm: Arm, site: HookSite):
+        self._budget = arm.knob("tokens_per_frame")
+        self._state: VidCom2StreamState | None = None
+
+    def compress(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(t, n, C) -> (1, K, C) with K = t * min(k, n) tokens, frame by frame (budgets may differ
+        between the frames of a multi-frame step, so the step's tokens come as one sequence)."""
+        kept, self._state = compress_stream_call(tokens, self._budget, self._state)
+        return kept.tokens.unsqueeze(0)                                              # (1, K, C)
+
+
+METHOD = MethodSpec(
+    name="vidcom2",
+    summary="VidCom²: per-frame budgets from frame uniqueness, tokens least like the video and frame centres, "
+            "before the LLM; causal (the video centre is the running mean of the stream so far)",
+    knobs=(Knob("tokens_per_frame", int, 64, "tokens kept per frame on average (exactly, one frame per step)", "k",
+                at_least_one),),
+    hooks=frozenset({COMPRESS}),
+    stream=VidCom2Stream,
+)

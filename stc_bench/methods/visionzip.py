@@ -26,10 +26,14 @@ and averaging run in float32 and the result is cast back to the hidden states' d
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from stc_bench.methods.method import COMPRESS, TOWER, Arm, HookSite, Knob, MethodSpec, MethodStream, at_least_one
 
 CONTEXTUAL_SHARE = 10 / 64
 """Contextual tokens per budget token: upstream's LLaVA-1.5 settings 54+10, 108+20 and 162+30
@@ -93,9 +97,13 @@ def compress(hidden: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor,
         return VisionZipTokens(kept, chosen, rest[:, :0])
     remaining = rest.shape[1]
     step = max(1, remaining // contextual)
-    is_target = torch.zeros(remaining, dtype=torch.bool, device=hidden.device)
-    is_target[torch.arange(0, remaining, step, device=hidden.device)[:contextual]] = True
-    targets, others = rest[:, is_target], rest[:, ~is_target]                   # (B, Cc), (B, R - Cc)
+    # Targets are every step-th remaining token, the first ``contextual`` of them; the others keep
+    # their order. Both index sets have sizes known on the host, so no data-dependent shape
+    # (a boolean mask would make one, and wait for the device) is needed.
+    position = torch.arange(remaining, device=hidden.device)                    # (R,)
+    is_target = (position % step == 0) & (position < step * contextual)         # (R,) exactly Cc true
+    order = torch.sort(is_target.to(torch.int8), stable=True).indices           # (R,) others first, then targets
+    targets, others = rest[:, order[remaining - contextual :]], rest[:, order[: remaining - contextual]]  # (B, Cc), (B, R - Cc)
     unit = F.normalize(keys.float(), dim=-1)                                    # (B, n, c)
     unit_targets = unit.gather(1, targets.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
     unit_others = unit.gather(1, others.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
@@ -107,3 +115,118 @@ def compress(hidden: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor,
     anchors = hidden.gather(1, targets.unsqueeze(-1).expand(-1, -1, channels)).float()
     tokens = torch.cat([kept, (anchors + folded).to(hidden.dtype)], dim=1)      # (B, D + Cc, C)
     return VisionZipTokens(tokens, chosen, targets)
+
+
+# --- VisionZip as an arm of stc-bench ------------------------------------------------------------
+
+
+class SelectionCapture:
+    """What VisionZip needs from the selection layer of a CLIP/SigLIP tower, per tower call:
+    each token's importance (B, n) and the keys averaged over heads (B, n, head_dim).
+
+    The last encoder layer's instance forward is wrapped: it computes the layer's own LN1, query
+    and key projections, the attention probabilities (which a fused SDPA kernel never returns),
+    then runs the layer unchanged. That extra work is VisionZip's price and lands in the ``vit``
+    stage, as the paper's method pays it. The last layer is the selection layer because
+    LLaVA-OneVision reads its features there (upstream's CLIP towers read the penultimate one).
+    """
+
+    def __init__(self, tower: nn.Module, class_token: bool):
+        from stc.integrations import find_vision_layers
+
+        _, layers, _ = find_vision_layers(tower)
+        self.layer = layers[-1]
+        self.class_token = class_token
+        self.importance: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+
+    def _record(self, hidden: torch.Tensor) -> None:
+        attn = self.layer.self_attn
+        batch, tokens, width = hidden.shape
+        heads = attn.num_heads
+        h = self.layer.layer_norm1(hidden)                                            # (B, n, d)
+        q = attn.q_proj(h).view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, H, n, hd)
+        k = attn.k_proj(h).view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, H, n, hd)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # (B, H, n, n)
+        score = class_attention(probs) if self.class_token else attention_received(probs)
+        self.importance.append(score)                                                 # (B, n)
+        self.keys.append(k.mean(dim=1))                                               # (B, n, hd)
+
+    @contextlib.contextmanager
+    def attached(self):
+        """Record every call of the selection layer while the block runs; restore it after."""
+        name = "_old_forward" if hasattr(self.layer, "_hf_hook") and hasattr(self.layer, "_old_forward") else "forward"
+        had = name in self.layer.__dict__
+        previous = self.layer.__dict__.get(name)
+        original = getattr(self.layer, name)
+
+        def forward(hidden_states, *args, **kwargs):
+            self._record(hidden_states)
+            return original(hidden_states, *args, **kwargs)
+
+        setattr(self.layer, name, forward)
+        try:
+            yield self
+        finally:
+            if had:
+                setattr(self.layer, name, previous)
+            else:
+                delattr(self.layer, name)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The importance (t, n) and keys (t, n, hd) of the frames encoded since the last take."""
+        importance, keys = torch.cat(self.importance), torch.cat(self.keys)
+        self.importance.clear()
+        self.keys.clear()
+        return importance, keys
+
+
+class VisionZipStream(MethodStream):
+    """One video under VisionZip: capture at the selection layer, compress before the LLM.
+
+    The compression hook receives the framework's visual tokens (LLaVA-OV: projected and pooled,
+    196 per frame); the captured importance and keys are mapped onto those tokens with the
+    framework's own pooling (``HookSite.pool``), so dominant and contextual tokens are chosen
+    among the tokens every pre-LLM method sees, with the same per-frame budget.
+    """
+
+    def __init__(self, arm: Arm, site: HookSite):
+        self._capture = SelectionCapture(site.tower, site.class_token)
+        self._pool = site.pool
+        self._class_token = site.class_token
+        self._budget = arm.knob("tokens_per_frame")
+
+    def tower(self):
+        """The selection layer's capture, for the whole stream."""
+        return self._capture.attached()
+
+    def compress(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(t, n, C) -> (t, min(k, n), C): dominant tokens, then contextual tokens."""
+        importance, keys = self._capture.take()                                      # (t, n_vit), (t, n_vit, hd)
+        if self._class_token:                                                        # CLS is dropped before the LLM
+            importance, keys = importance[:, 1:], keys[:, 1:]
+        importance = self._pool(importance.unsqueeze(-1)).squeeze(-1)                # (t, n)
+        keys = self._pool(keys)                                                      # (t, n, hd)
+        budget = min(self._budget, tokens.shape[1])
+        dominant, contextual = split_budget(budget)
+        return compress(tokens, importance, keys, dominant, contextual).tokens       # (t, k, C)
+
+
+def _unavailable(site: HookSite) -> str | None:
+    if COMPRESS not in site.hooks:
+        return f"{site.framework} has no compression step before an LLM pre-fill"
+    if site.tower_kind not in ("SiglipEncoderLayer", "CLIPEncoderLayer"):
+        return "it reads attention from a CLIP or SigLIP encoder layer"
+    return None
+
+
+METHOD = MethodSpec(
+    name="visionzip",
+    summary="VisionZip: dominant tokens by attention at the tower's last layer + contextual tokens merged by key "
+            "similarity, before the LLM (attention extraction charged to the ViT stage)",
+    knobs=(Knob("tokens_per_frame", int, 64, "tokens per frame kept (dominant + contextual, 54 + 10 at 64)", "k",
+                at_least_one),),
+    hooks=frozenset({TOWER, COMPRESS}),
+    stream=VisionZipStream,
+    unavailable=_unavailable,
+)

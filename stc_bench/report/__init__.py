@@ -15,6 +15,7 @@ def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Pa
         plot_fidelity_vs_ratio,
         plot_latency,
         plot_latency_vs_frames,
+        plot_pareto,
         plot_per_frame_vit,
         plot_reduction_vs_knob,
         swept_knobs,
@@ -40,6 +41,10 @@ def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Pa
             images.append(plot_latency_vs_frames(result, folder / "latency_vs_frames.png"))
         if "ratio" in knobs:
             images.append(plot_fidelity_vs_ratio(result, folder / "fidelity_vs_ratio.png"))
+        if len(result.compared) > 1:  # one arm is a single point: the tables say it all
+            pareto = plot_pareto(result, folder / "pareto.png")
+            if pareto is not None:
+                images.append(pareto)
     written += images
     (folder / "report.md").write_text(render_markdown(result, [p.name for p in images]), encoding="utf-8")
     written.append(folder / "report.md")

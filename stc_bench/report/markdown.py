@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stc_bench.env import environment_rows
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, memory_line, sweep_headers, sweep_rows
+from stc_bench.report.tables import STAGE_HEADERS, arm_headers, arm_rows, fidelity_line, memory_line, stage_rows
 from stc_bench.report.terminal import header_lines
 from stc_bench.results import RunResult
 
@@ -29,6 +29,11 @@ def caveats(result: RunResult) -> list[str]:
         out.append(f"Scale '{result.run['scale']}' keeps the token counts but not the widths/depths of the real model; "
                    "absolute times are not the paper's.")
     out += result.run.get("notes", [])
+    if result.config.cuda_graph:
+        unused = sorted({f"{a.arm.label} ({(a.graphs or {}).get('disabled_reason') or 'no graph was replayed'})"
+                         for a in result.compared if a.arm.method == "stc" and not (a.graphs or {}).get("replays")})
+        if unused:
+            out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
     noisy = [w for m in result.measurements for w in m.warnings]
     if noisy:
         out.append("Noisy or small measurements (treat differences within their interval as no difference): "
@@ -44,16 +49,17 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
     parts = [f"# stc-bench: {c.framework}", ""]
     parts += [f"- {line}" for line in header_lines(result)]
     parts += ["", "## Results", ""]
-    parts.append("Reductions are `1 - STC / baseline` (positive = faster), on the medians and on the minima of the "
+    parts.append("Reductions are `1 - arm / baseline` (positive = faster), on the medians and on the minima of the "
                  "per-stream totals; the interval is a paired bootstrap over repeats. *FLOP limit* is the analytic "
                  "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit.")
-    if len(result.points) > 1:
-        parts += ["", "### Sweep", "", _table(sweep_headers(result), sweep_rows(result)), ""]
-    for p in result.points:
-        parts += ["", f"### {p.frames} frames, +STC {p.point.label}", "",
-                  _table(COMPARISON_HEADERS, comparison_rows(result, p)), "", fidelity_line(result, p) + "."]
-        if memory_line(result, p):
-            parts += ["", memory_line(result, p) + "."]
+    for frames in result.frame_counts:
+        parts += ["", f"### {frames} frames", "", _table(arm_headers(result), arm_rows(result, frames))]
+        for facts in (a for a in result.compared if a.frames == frames):
+            label = facts.arm.label
+            parts += ["", f"#### {label}", "", _table(STAGE_HEADERS, stage_rows(result, frames, label)), "",
+                      fidelity_line(result, frames, label) + "."]
+        if memory_line(result, frames):
+            parts += ["", memory_line(result, frames) + "."]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     parts += ["", "## Caveats", ""] + [f"- {line}" for line in caveats(result)]

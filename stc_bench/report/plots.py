@@ -10,25 +10,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stc_bench.results import RunResult  # noqa: E402
+from stc_bench.results import ArmResult, RunResult  # noqa: E402
 
 KIND_COLOURS = {"refresh": "tab:orange", "selective": "tab:green", "mixed": "tab:olive", "full": "tab:blue"}
+METHOD_COLOURS = {"stc": "tab:green", "tome": "tab:purple", "visionzip": "tab:red", "vidcom2": "tab:brown"}
 
 
 def plot_latency(result: RunResult, path: Path) -> Path:
-    """Per stage, the raw samples of the baseline and each +STC point as box plots, per frame count."""
+    """Per stage, the raw samples of the baseline and every arm as box plots, per frame count."""
     stages = result.stages
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(max(4.2, 1.1 * len(result.arms)) * len(stages) / 1.4, 4.4),
+                             squeeze=False)
     for ax, stage in zip(axes[0], stages):
         data, labels, colours = [], [], []
-        for frames in result.config.frames:
-            base = result.baseline(frames, stage)
-            if base is None:
+        for facts in result.arms:
+            m = result.measurement(facts.frames, facts.arm, stage)
+            if m is None:
                 continue
-            data.append(base.times_ms); labels.append(f"{frames}f\nbaseline"); colours.append("tab:blue")
-            for p in (p for p in result.points if p.frames == frames):
-                m = result.stc(frames, p.point, stage)
-                data.append(m.times_ms); labels.append(f"{frames}f\n+STC {p.point.label}"); colours.append("tab:green")
+            data.append(m.times_ms)
+            labels.append(f"{facts.frames}f\n{facts.arm.label}")
+            colours.append("tab:blue" if facts.arm.is_baseline else METHOD_COLOURS.get(facts.arm.method, "tab:grey"))
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
         for patch, colour in zip(box["boxes"], colours):
             patch.set_facecolor(colour); patch.set_alpha(0.45)
@@ -40,7 +41,7 @@ def plot_latency(result: RunResult, path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
-                 "latency per repeat, baseline vs +STC", fontsize=10)
+                 "latency per repeat, every arm", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -49,22 +50,26 @@ def plot_latency(result: RunResult, path: Path) -> Path:
 
 def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
     """ViT latency of each chunk (median over repeats) at the largest frame count: the baseline
-    as a line, +STC as points coloured by what the cacher did (refresh / selective)."""
-    frames = max(result.config.frames)
-    base = result.baseline(frames, "vit")
-    points = [p for p in result.points if p.frames == frames]
-    if base is None or not points or not base.chunk_ms:
+    as a line, each arm as a line, with STC arms' points coloured by what the cacher did."""
+    frames = max(result.frame_counts, default=None)
+    base = result.baseline(frames, "vit") if frames is not None else None
+    compared = [a for a in result.compared if a.frames == frames]
+    if base is None or not compared or not base.chunk_ms:
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(base.chunk_ms[0]))
     ax.plot(x, np.median(np.asarray(base.chunk_ms), axis=0), color="tab:blue", marker="o", ms=3, label="baseline")
-    for p in points[:4]:
-        m = result.stc(frames, p.point, "vit")
+    for facts in compared[:6]:
+        m = result.measurement(frames, facts.arm, "vit")
         med = np.median(np.asarray(m.chunk_ms), axis=0)
-        ax.plot(x, med, color="tab:green", alpha=0.4, lw=1)
-        for kind in sorted(set(p.chunk_kinds)):
-            idx = [i for i, k in enumerate(p.chunk_kinds) if k == kind]
-            ax.scatter(idx, med[idx], color=KIND_COLOURS.get(kind, "grey"), s=22, zorder=3, label=f"+STC {p.point.label}: {kind}")
+        colour = METHOD_COLOURS.get(facts.arm.method, "tab:grey")
+        ax.plot(x[: len(med)], med, color=colour, alpha=0.4, lw=1, label=None if facts.recompute_fraction is not None
+                else facts.arm.label)
+        if facts.recompute_fraction is None:
+            continue
+        for kind in sorted(set(facts.chunk_kinds)):
+            idx = [i for i, k in enumerate(facts.chunk_kinds) if k == kind]
+            ax.scatter(idx, med[idx], color=KIND_COLOURS.get(kind, "grey"), s=22, zorder=3, label=f"{facts.arm.label}: {kind}")
     ax.set_xticks(x)
     ax.set_xlabel(f"streaming step ({result.run.get('chunk_frames')} frame(s) each)")
     ax.set_ylabel("ViT ms (median over repeats)")
@@ -79,25 +84,31 @@ def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
 
 
 KNOBS = {"ratio": "update ratio", "interval": "cache interval", "tokens_per_frame": "tokens per frame", "frames": "frames"}
+"""STC's knobs (and the frame count) that a sweep varies, with their axis labels."""
 
 
-def _knob_value(point, knob: str):
-    return point.frames if knob == "frames" else getattr(point.point, knob)
+def _stc_arms(result: RunResult) -> list[ArmResult]:
+    return [a for a in result.compared if a.arm.method == "stc"]
+
+
+def _knob_value(facts: ArmResult, knob: str):
+    return facts.frames if knob == "frames" else facts.arm.knob(knob)
 
 
 def swept_knobs(result: RunResult) -> list[str]:
-    """Knobs that take more than one value across the run's points."""
-    return [k for k in KNOBS if len({_knob_value(p, k) for p in result.points}) > 1]
+    """STC knobs (or the frame count) that take more than one value across the run's STC arms."""
+    arms = _stc_arms(result)
+    return [k for k in KNOBS if len({_knob_value(a, k) for a in arms}) > 1]
 
 
-def _curves(result: RunResult, knob: str) -> dict[str, list]:
-    """Points grouped by the values of every other swept knob, each group sorted along ``knob``."""
+def _curves(result: RunResult, knob: str) -> dict[str, list[ArmResult]]:
+    """STC arms grouped by the values of every other swept knob, each group sorted along ``knob``."""
     others = [k for k in swept_knobs(result) if k != knob]
     groups: dict[str, list] = {}
-    for p in result.points:
-        label = ", ".join(f"{k.replace('tokens_per_frame', 'k')}={_knob_value(p, k):g}" for k in others) or "all"
-        groups.setdefault(label, []).append(p)
-    return {label: sorted(ps, key=lambda p: _knob_value(p, knob)) for label, ps in groups.items()}
+    for a in _stc_arms(result):
+        label = ", ".join(f"{k.replace('tokens_per_frame', 'k')}={_knob_value(a, k):g}" for k in others) or "all"
+        groups.setdefault(label, []).append(a)
+    return {label: sorted(arms, key=lambda a: _knob_value(a, knob)) for label, arms in groups.items()}
 
 
 def _legend_below(fig, ax) -> None:
@@ -121,15 +132,16 @@ def plot_reduction_vs_knob(result: RunResult, knob: str, path: Path) -> Path:
                 r = result.reduction(p, stage)
                 if r is None:
                     continue
+                limit = result.flop_reduction(p, stage)
                 xs.append(_knob_value(p, knob)); ys.append(100 * r.on_median)
                 lo.append(100 * (r.on_median - r.ci_low)); hi.append(100 * (r.ci_high - r.on_median))
-                flop.append(None if p.flop_reduction(stage) is None else 100 * p.flop_reduction(stage))
+                flop.append(None if limit is None else 100 * limit)
             ax.errorbar(xs, ys, yerr=[lo, hi], color=colour, marker="o", capsize=3, label=f"measured ({label})")
             if any(f is not None for f in flop):
                 ax.plot(xs, flop, color=colour, ls="--", alpha=0.7, label=f"FLOP limit ({label})")
         ax.axhline(0, color="black", lw=0.8)
         if knob != "ratio":  # whole-number knobs: ticks at the swept values only
-            ax.set_xticks(sorted({_knob_value(p, knob) for p in result.points}))
+            ax.set_xticks(sorted({_knob_value(p, knob) for p in _stc_arms(result)}))
         ax.set_xlabel(KNOBS[knob])
         ax.set_ylabel("reduction vs baseline, %")
         ax.set_title(stage)
@@ -143,18 +155,16 @@ def plot_reduction_vs_knob(result: RunResult, knob: str, path: Path) -> Path:
 
 
 def plot_latency_vs_frames(result: RunResult, path: Path) -> Path:
-    """Median latency per stage against the frame count, baseline and each +STC point."""
+    """Median latency per stage against the frame count, baseline and each other arm."""
     stages = result.stages
-    frames = sorted(set(result.config.frames))
+    frames = sorted(set(result.frame_counts))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 4), squeeze=False)
-    labels = sorted({p.point for p in result.points}, key=lambda q: (q.ratio, q.interval, q.tokens_per_frame))
+    arms = list(dict.fromkeys(a.arm for a in result.arms))
     for ax, stage in zip(axes[0], stages):
-        base = [result.baseline(f, stage) for f in frames]
-        ax.plot([f for f, m in zip(frames, base) if m], [m.median for m in base if m], marker="o", color="black", label="baseline")
-        for i, q in enumerate(labels):
-            ms = [result.stc(f, q, stage) for f in frames]
-            ax.plot([f for f, m in zip(frames, ms) if m], [m.median for m in ms if m], marker="o", color=f"C{i}",
-                    label=f"+STC {q.label}")
+        for i, arm in enumerate(arms):
+            ms = [result.measurement(f, arm, stage) for f in frames]
+            ax.plot([f for f, m in zip(frames, ms) if m], [m.median for m in ms if m], marker="o",
+                    color="black" if arm.is_baseline else f"C{i}", label=arm.label)
         ax.set_xlabel("frames")
         ax.set_ylabel("median ms per stream")
         ax.set_title(stage)
@@ -172,7 +182,7 @@ def plot_fidelity_vs_ratio(result: RunResult, path: Path) -> Path:
     one curve per other-knob setting."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
     for i, (label, points) in enumerate(_curves(result, "ratio").items()):
-        xs = [p.point.ratio for p in points]
+        xs = [p.arm.knob("ratio") for p in points]
         left.plot(xs, [p.fidelity.get("vit_cosine_mean") for p in points], marker="o", color=f"C{i}", label=label)
         right.plot(xs, [p.fidelity.get("logits_kl_mean") for p in points], marker="o", color=f"C{i}", label=label)
     left.set_ylabel("ViT feature cosine vs baseline (mean over frames)")
@@ -183,6 +193,41 @@ def plot_fidelity_vs_ratio(result: RunResult, path: Path) -> Path:
     left.legend(fontsize=7)
     weights = "random weights" if result.run["weights"] == "random" else "checkpoint weights"
     fig.suptitle(f"Fidelity vs update ratio ({weights})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(result: RunResult, path: Path) -> Path | None:
+    """Latency reduction against fidelity, one labelled point per arm (and frame count): the
+    end-to-end reduction of the summed stage medians against the query-logit KL (or, without an
+    LLM, 1 - ViT feature cosine). Up and to the left is better. None when nothing is compared."""
+    compared = result.compared
+    if not compared:
+        return None
+    table = result.table()
+    use_kl = "logits_kl_mean" in table and table.logits_kl_mean.notna().any()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for facts in compared:
+        rows = table[(table.frames == facts.frames) & (table.arm == facts.arm.label)]
+        base = table[(table.frames == facts.frames) & (table.method == "baseline")]
+        total = 1.0 - rows.median_ms.sum() / base.median_ms.sum()
+        first = rows.iloc[0]
+        x = first.logits_kl_mean if use_kl else 1.0 - first.vit_cosine_mean
+        if x is None or x != x:
+            continue
+        colour = METHOD_COLOURS.get(facts.arm.method, "tab:grey")
+        ax.scatter([x], [100 * total], color=colour, s=36, zorder=3)
+        label = facts.arm.label if len(result.frame_counts) == 1 else f"{facts.arm.label}, {facts.frames}f"
+        ax.annotate(label, (x, 100 * total), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    weights = "random weights" if result.run.get("weights") == "random" else "checkpoint weights"
+    ax.set_xlabel(("query-logit KL vs baseline, nats" if use_kl else "1 - ViT feature cosine vs baseline") + f" ({weights})")
+    ax.set_ylabel("end-to-end latency reduction vs baseline, %")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
+                 "speed vs fidelity per arm", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,65 +1,59 @@
-"""Tidy tables derived from a ``RunResult``; the CSV columns are an interface (keep them stable)."""
+"""Views of the results table (``RunResult.table()``): the CSVs and the formatted rows that the
+terminal and report.md share. Every figure here is read from that one table."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from stc_bench.measurement import Arm
-from stc_bench.results import RunResult
+from stc_bench.results import RunResult, is_missing
 
-SUMMARY_COLUMNS = ["framework", "scale", "device", "frames", "ratio", "interval", "tokens_per_frame", "stage",
-                   "arm", "n", "min_ms", "median_ms", "mean_ms", "iqr_ms", "cv", "tokens"]
-REDUCTION_COLUMNS = ["framework", "scale", "device", "frames", "ratio", "interval", "tokens_per_frame", "stage",
-                     "reduction_min", "reduction_median", "ci_low", "ci_high", "flop_reduction", "efficiency"]
-SAMPLE_COLUMNS = ["framework", "scale", "device", "frames", "ratio", "interval", "tokens_per_frame", "stage",
-                  "arm", "repeat", "time_ms"]
+IDENTITY_COLUMNS = ["framework", "scale", "device", "frames", "method", "arm"]
+STAT_COLUMNS = ["n", "min_ms", "median_ms", "mean_ms", "iqr_ms", "cv", "tokens"]
+REDUCTION_COLUMNS = ["reduction_min", "reduction_median", "ci_low", "ci_high", "flop_reduction", "efficiency"]
+SAMPLE_COLUMNS = ["repeat", "time_ms"]
+STAGE_NAMES = {"vit": "ViT", "compress": "compress", "prefill": "pre-fill"}
 
 
-def samples_table(result: RunResult) -> pd.DataFrame:
-    """One row per raw sample (baseline rows leave the STC knobs empty)."""
-    rows = []
-    for m in result.measurements:
-        s = m.spec
-        for i, t in enumerate(m.times_ms):
-            rows.append([s.framework, s.scale, s.device, s.frames, s.ratio, s.interval, s.tokens_per_frame,
-                         s.stage, s.arm, i, t])
-    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+def knob_columns(table: pd.DataFrame) -> list[str]:
+    """The knob columns of a results table: between ``arm`` and ``stage``."""
+    columns = list(table.columns)
+    return columns[columns.index("arm") + 1 : columns.index("stage")] if "stage" in columns else []
 
 
 def summary_table(result: RunResult) -> pd.DataFrame:
-    """One row per point, stage and arm; the baseline row of a point is the shared baseline."""
-    rows = []
-    for p in result.points:
-        for stage in result.stages:
-            for arm, m in ((Arm.BASELINE.value, result.baseline(p.frames, stage)),
-                           (Arm.STC.value, result.stc(p.frames, p.point, stage))):
-                if m is None:
-                    continue
-                rows.append([m.spec.framework, m.spec.scale, m.spec.device, p.frames, p.point.ratio, p.point.interval,
-                             p.point.tokens_per_frame, stage, arm, m.n, m.min, m.median, m.mean, m.iqr, m.cv,
-                             p.tokens[arm][stage]])
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    """summary.csv: one row per frame count, arm and stage, with the sample statistics."""
+    table = result.table()
+    if table.empty:
+        return pd.DataFrame(columns=IDENTITY_COLUMNS + ["stage"] + STAT_COLUMNS)
+    return table[IDENTITY_COLUMNS + knob_columns(table) + ["stage"] + STAT_COLUMNS]
 
 
 def reduction_table(result: RunResult) -> pd.DataFrame:
-    """One row per point and stage: measured reductions (fractions), interval, FLOP limit, efficiency."""
+    """reductions.csv: one row per compared arm, frame count and stage, against the baseline."""
+    table = result.table()
+    if table.empty:
+        return pd.DataFrame(columns=IDENTITY_COLUMNS + ["stage"] + REDUCTION_COLUMNS)
+    compared = table[table.method != "baseline"]
+    return compared[IDENTITY_COLUMNS + knob_columns(table) + ["stage"] + REDUCTION_COLUMNS].reset_index(drop=True)
+
+
+def samples_table(result: RunResult) -> pd.DataFrame:
+    """samples.csv: one row per raw sample."""
+    table = result.table()
+    knobs = knob_columns(table) if not table.empty else []
     rows = []
-    for p in result.points:
-        for stage in result.stages:
-            r = result.reduction(p, stage)
-            if r is None:
-                continue
-            flop = p.flop_reduction(stage)
-            efficiency = r.on_median / flop if flop else None
-            spec = result.baseline(p.frames, stage).spec
-            rows.append([spec.framework, spec.scale, spec.device, p.frames, p.point.ratio, p.point.interval,
-                         p.point.tokens_per_frame, stage, r.on_min, r.on_median, r.ci_low, r.ci_high, flop, efficiency])
-    return pd.DataFrame(rows, columns=REDUCTION_COLUMNS)
+    for m in result.measurements:
+        s = m.spec
+        values = dict(s.arm.knobs)
+        for i, t in enumerate(m.times_ms):
+            rows.append([s.framework, s.scale, s.device, s.frames, s.arm.method, s.arm.label, *(values.get(k) for k in knobs),
+                         s.stage, i, t])
+    return pd.DataFrame(rows, columns=IDENTITY_COLUMNS + knobs + ["stage"] + SAMPLE_COLUMNS)
 
 
 def pct(x: float | None) -> str:
     """A signed percentage, or an em dash for a missing value."""
-    return "—" if x is None else f"{x:+.1%}"
+    return "—" if is_missing(x) else f"{x:+.1%}"
 
 
 def ms(x: float) -> str:
@@ -67,80 +61,108 @@ def ms(x: float) -> str:
     return f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
 
 
-COMPARISON_HEADERS = ["stage", "baseline ms median (min)", "+STC ms median (min)", "reduction median [95% CI]",
-                      "reduction min", "FLOP limit", "efficiency", "tokens base → STC"]
+def _interval(row) -> str:
+    return "—" if is_missing(row.reduction_median) else f"{pct(row.reduction_median)} [{pct(row.ci_low)}, {pct(row.ci_high)}]"
 
 
-def comparison_rows(result: RunResult, point) -> list[list[str]]:
-    """Formatted rows of the per-point comparison table (terminal and Markdown share them)."""
-    rows = []
+def arm_headers(result: RunResult) -> list[str]:
+    """Columns of the one-row-per-arm table (the paper's table shape)."""
+    headers = ["arm"]
     for stage in result.stages:
-        base, new = result.baseline(point.frames, stage), result.stc(point.frames, point.point, stage)
-        r = result.reduction(point, stage)
-        if base is None or new is None or r is None:
+        headers += [f"{STAGE_NAMES.get(stage, stage)} ms", f"{STAGE_NAMES.get(stage, stage)} reduction [95% CI]"]
+    headers += ["LLM tokens" if "prefill" in result.stages else "ViT tokens", "FLOP limit"]
+    return headers + ["fidelity vs baseline"]
+
+
+def arm_rows(result: RunResult, frames: int) -> list[list[str]]:
+    """One formatted row per arm at ``frames`` frames, the baseline first: median ms and paired
+    reduction per stage, the tokens the LLM (or, without one, the tower) received, the FLOP
+    limit per stage, and fidelity (query-logit KL; ViT feature cosine where the token count is
+    unchanged; the cacher's recompute fraction)."""
+    table = result.table()
+    table = table[table.frames == frames]
+    token_stage = "prefill" if "prefill" in result.stages else "vit"
+    rows = []
+    for label, group in table.groupby("arm", sort=False):
+        by_stage = {row.stage: row for row in group.itertuples()}
+        row = [label]
+        for stage in result.stages:
+            r = by_stage.get(stage)
+            if r is None:
+                row += ["—", "—"]
+                continue
+            row += [f"{ms(r.median_ms)}{' noisy' if r.noisy else ''}", _interval(r)]
+        first = next(iter(by_stage.values()))
+        row.append(f"{int(by_stage[token_stage].tokens):,}" if token_stage in by_stage else "—")
+        limits = [f"{STAGE_NAMES.get(s, s)} {pct(by_stage[s].flop_reduction)}" for s in result.stages
+                  if s in by_stage and not is_missing(by_stage[s].flop_reduction)]
+        row.append(", ".join(limits) or "—")
+        row.append(fidelity_cell(first))
+        rows.append(row)
+    return rows
+
+
+def fidelity_cell(row) -> str:
+    """Fidelity of one arm against the baseline, compactly (— for the baseline itself)."""
+    parts = []
+    if not is_missing(row.logits_kl_mean):
+        parts.append(f"KL {row.logits_kl_mean:.2e}")
+    if not is_missing(row.vit_cosine_mean):
+        parts.append(f"ViT cos {row.vit_cosine_mean:.4f}")
+    if not is_missing(row.recompute_fraction):
+        parts.append(f"recomputed {row.recompute_fraction:.0%}")
+    return ", ".join(parts) or "—"
+
+
+STAGE_HEADERS = ["stage", "baseline ms median (min)", "arm ms median (min)", "reduction median [95% CI]",
+                 "reduction min", "FLOP limit", "efficiency", "tokens base → arm"]
+
+
+def stage_rows(result: RunResult, frames: int, arm_label: str) -> list[list[str]]:
+    """Formatted per-stage rows of one arm against the baseline at ``frames`` frames."""
+    table = result.table()
+    table = table[table.frames == frames]
+    base = {r.stage: r for r in table[table.method == "baseline"].itertuples()}
+    rows = []
+    for r in table[table.arm == arm_label].itertuples():
+        b = base.get(r.stage)
+        if b is None:
             continue
-        flop = point.flop_reduction(stage)
         rows.append([
-            stage,
-            f"{ms(base.median)} ({ms(base.min)}){' noisy' if base.noisy else ''}",
-            f"{ms(new.median)} ({ms(new.min)}){' noisy' if new.noisy else ''}",
-            f"{pct(r.on_median)} [{pct(r.ci_low)}, {pct(r.ci_high)}]",
-            pct(r.on_min),
-            pct(flop),
-            f"{r.on_median / flop:.2f}" if flop else "—",
-            f"{point.tokens['baseline'][stage]:,} → {point.tokens['stc'][stage]:,}",
+            r.stage,
+            f"{ms(b.median_ms)} ({ms(b.min_ms)}){' noisy' if b.noisy else ''}",
+            f"{ms(r.median_ms)} ({ms(r.min_ms)}){' noisy' if r.noisy else ''}",
+            _interval(r),
+            pct(r.reduction_min),
+            pct(r.flop_reduction),
+            "—" if is_missing(r.efficiency) else f"{r.efficiency:.2f}",
+            f"{int(b.tokens):,} → {int(r.tokens):,}",
         ])
     return rows
 
 
-def memory_line(result: RunResult, point) -> str | None:
-    """Peak CUDA memory of each arm at a point (None on a CPU, where it is not measured)."""
-    peaks = []
-    for arm, m in (("baseline", result.baseline(point.frames, "vit")), ("+STC", result.stc(point.frames, point.point, "vit"))):
-        if m is not None and "peak_memory_mb" in m.metadata:
-            peaks.append(f"{arm} {m.metadata['peak_memory_mb']:,.0f} MiB")
-    return "peak CUDA memory: " + ", ".join(peaks) if peaks else None
-
-
-def fidelity_line(result: RunResult, point) -> str:
-    """One sentence of fidelity figures, labelled with the kind of weights they come from."""
-    f = point.fidelity
-    label = "random weights" if result.run["weights"] == "random" else "checkpoint weights"
+def fidelity_line(result: RunResult, frames: int, arm_label: str) -> str:
+    """One sentence of an arm's fidelity figures, labelled with the kind of weights they come from."""
+    table = result.table()
+    rows = table[(table.frames == frames) & (table.arm == arm_label)]
+    label = "random weights" if result.run.get("weights") == "random" else "checkpoint weights"
+    if rows.empty:
+        return f"fidelity ({label}): —"
+    r = next(rows.itertuples())
     parts = []
-    if "vit_cosine_mean" in f:
-        parts.append(f"ViT feature cosine mean {f['vit_cosine_mean']:.4f} (min {f['vit_cosine_min']:.4f})")
-    if "logits_top1_agreement" in f:
-        parts.append(f"query logits after the stream: top-1 agreement {f['logits_top1_agreement']:.1%}, "
-                     f"mean KL {f['logits_kl_mean']:.2e} nats")
-    if point.recompute_fraction is not None:
-        parts.append(f"ViT tokens recomputed {point.recompute_fraction:.1%}")
-    return f"fidelity ({label}): " + "; ".join(parts)
+    if not is_missing(r.vit_cosine_mean):
+        parts.append(f"ViT feature cosine mean {r.vit_cosine_mean:.4f} (min {r.vit_cosine_min:.4f})")
+    if not is_missing(r.logits_kl_mean):
+        parts.append(f"query logits after the stream: top-1 agreement {r.logits_top1_agreement:.1%}, "
+                     f"mean KL {r.logits_kl_mean:.2e} nats")
+    if not is_missing(r.recompute_fraction):
+        parts.append(f"ViT tokens recomputed {r.recompute_fraction:.1%}")
+    return f"fidelity ({label}): " + ("; ".join(parts) or "—")
 
 
-def sweep_headers(result: RunResult) -> list[str]:
-    """Columns of the one-line-per-point sweep table."""
-    headers = ["frames", "ratio", "interval", "k/frame"]
-    for stage in result.stages:
-        headers.append(f"{stage} % [95% CI]")
-        if any(p.flop_reduction(stage) is not None for p in result.points):
-            headers.append(f"{stage} FLOP %")
-    return headers + ["ViT cos (min)", "query KL", "ViT recomputed"]
-
-
-def sweep_rows(result: RunResult) -> list[list[str]]:
-    """One formatted row per (frame count, STC point); reductions in percent, 1 - STC / baseline."""
-    rows = []
-    for p in result.points:
-        row = [str(p.frames), f"{p.point.ratio:g}", str(p.point.interval), str(p.point.tokens_per_frame)]
-        for stage in result.stages:
-            r = result.reduction(p, stage)
-            row.append("—" if r is None else f"{100 * r.on_median:+.1f} [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]")
-            if any(q.flop_reduction(stage) is not None for q in result.points):
-                flop = p.flop_reduction(stage)
-                row.append("—" if flop is None else f"{100 * flop:+.1f}")
-        f = p.fidelity
-        row.append(f"{f['vit_cosine_mean']:.4f} ({f['vit_cosine_min']:.4f})" if "vit_cosine_mean" in f else "—")
-        row.append(f"{f['logits_kl_mean']:.2e}" if "logits_kl_mean" in f else "—")
-        row.append("—" if p.recompute_fraction is None else f"{p.recompute_fraction:.1%}")
-        rows.append(row)
-    return rows
+def memory_line(result: RunResult, frames: int) -> str | None:
+    """Peak CUDA memory of each arm at ``frames`` frames (None on a CPU, where it is not measured)."""
+    table = result.table()
+    rows = table[(table.frames == frames) & (table.stage == "vit")]
+    peaks = [f"{r.arm} {r.peak_memory_mb:,.0f} MiB" for r in rows.itertuples() if not is_missing(r.peak_memory_mb)]
+    return "peak CUDA memory: " + ", ".join(peaks) if peaks else None

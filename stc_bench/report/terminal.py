@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from stc_bench.report.tables import COMPARISON_HEADERS, comparison_rows, fidelity_line, memory_line, sweep_headers, sweep_rows
+from stc_bench.report.tables import STAGE_HEADERS, arm_headers, arm_rows, fidelity_line, memory_line, stage_rows
 from stc_bench.results import RunResult
 
 
@@ -18,31 +19,34 @@ def header_lines(result: RunResult) -> list[str]:
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",
         f"device {env.get('device')} ({env.get('device_name')}) | {run['dtype']} | {weights} | video: {run['video']}",
         f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {chunk} frame(s) per step | "
-        f"cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}",
+        f"arms: {', '.join(c.arms)} | cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}",
     ]
 
 
 def render_tables(result: RunResult, console: Console) -> None:
-    """Print one table per point: per stage, baseline vs +STC, reductions, FLOP limit, tokens."""
+    """Print, per frame count, one row per arm (the paper's table shape); where one arm is
+    compared with the baseline, also its per-stage detail, fidelity and memory."""
     for line in header_lines(result):
         console.print(line, highlight=False)
-    if len(result.points) > 1:  # a sweep: one line per point (per-point detail is in summary.csv)
-        table = Table(title=f"{len(result.points)} points, reductions = 1 - STC / baseline on medians", title_justify="left")
-        for i, col in enumerate(sweep_headers(result)):
-            table.add_column(col, justify="right", no_wrap=True)
-        for row in sweep_rows(result):
-            table.add_row(*row)
-        console.print(table)
-        console.print("fidelity: " + ("random weights" if result.run["weights"] == "random" else "checkpoint weights"))
-    for p in result.points if len(result.points) == 1 else ():
-        table = Table(title=f"{p.frames} frames, +STC {p.point.label}", title_justify="left")
-        for i, col in enumerate(COMPARISON_HEADERS):
+    for frames in result.frame_counts:
+        table = Table(title=f"{frames} frames: reductions = 1 - arm / baseline on medians", title_justify="left")
+        for i, col in enumerate(arm_headers(result)):
             table.add_column(col, justify="left" if i == 0 else "right")
-        for row in comparison_rows(result, p):
-            table.add_row(*row)
+        for row in arm_rows(result, frames):
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
-        console.print(fidelity_line(result, p), highlight=False)
-        if memory_line(result, p):
-            console.print(memory_line(result, p), highlight=False)
+        compared = [a for a in result.compared if a.frames == frames]
+        if len(compared) == 1:
+            label = compared[0].arm.label
+            detail = Table(title=f"{frames} frames, {label} per stage", title_justify="left")
+            for i, col in enumerate(STAGE_HEADERS):
+                detail.add_column(col, justify="left" if i == 0 else "right")
+            for row in stage_rows(result, frames, label):
+                detail.add_row(*row)
+            console.print(detail)
+            console.print(fidelity_line(result, frames, label), highlight=False, markup=False)
+        memory = memory_line(result, frames)
+        if memory:
+            console.print(memory, highlight=False, markup=False)
     for err in result.errors:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(err)}")

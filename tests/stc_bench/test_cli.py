@@ -137,7 +137,7 @@ def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, tmp
     from stc_bench.results import load_results
 
     saved = load_results(folder)
-    assert [p.frames for p in saved.points] == [2] and not saved.complete
+    assert saved.frame_counts == [2] and not saved.complete
     assert "CUDA out of memory" in (folder / "report.md").read_text()
 
 
@@ -191,3 +191,15 @@ def test_the_run_happens_with_its_device_current(tiny_result, monkeypatch):
     monkeypatch.setattr(dispider, "FRAMEWORK", dataclasses.replace(dispider.FRAMEWORK, build=recording_build))
     run_benchmark(BenchConfig(framework="dispider", scale="tiny", device="cpu", frames=(2,), repeats=1, warmup=0))
     assert events[0] == "enter" and events[-1] == "exit" and "build" in events[1:-1]
+
+
+def test_a_cuda_graph_run_that_ran_eager_says_so(cli, tmp_path):
+    result = cli(*TINY_RUN, "--device", "cpu", "--video", "synthetic", "--cuda-graph", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    folder = run_folder(tmp_path)
+    report = (folder / "report.md").read_text()
+    assert "--cuda-graph was asked for, but these arms ran eager: stc r0.25 N2 k64 (tensors are on cpu" in report
+    from stc_bench.results import load_results
+
+    graphs = load_results(folder).compared[0].graphs
+    assert graphs["replays"] == 0 and graphs["eager_calls"] > 0

@@ -24,7 +24,7 @@ def synthetic(result: RunResult, n: int = 20, stc_scale: float = 0.6, seed: int 
     copy = RunResult.from_dict(result.to_dict())
     rng = np.random.default_rng(seed)
     for m in copy.measurements:
-        centre = 100.0 * (stc_scale if m.spec.arm == "stc" else 1.0)
+        centre = 100.0 * (stc_scale if m.spec.arm.method == "stc" else 1.0)
         m.times_ms = list(centre * (1 + noise * rng.standard_normal(n)))
         m.chunk_ms = [[t] for t in m.times_ms]
         m.__dict__.pop("_sorted", None)
@@ -44,7 +44,7 @@ def test_a_run_against_itself_is_ok(cli, tiny_result, tmp_path):
     assert result.exit_code == 0, result.output
     assert "stc-bench compare: ok" in result.output
     text = summary.read_text()
-    assert text.startswith("## stc-bench compare: ✅ ok") and "| 4f r0.25 N2 k64 vit/stc median |" in text
+    assert text.startswith("## stc-bench compare: ✅ ok") and "| 4f stc r0.25 N2 k64 vit median |" in text
 
 
 def test_a_slower_stc_median_is_a_regression(cli, tiny_result, tmp_path):
@@ -53,7 +53,7 @@ def test_a_slower_stc_median_is_a_regression(cli, tiny_result, tmp_path):
     result = cli("compare", base, slower, "--fail-on", "median:5%")
     assert result.exit_code == 1, result.output
     assert "regression (slower by more than 5%)" in result.output
-    assert "vit/baseline median" in result.output  # the baseline rows are checked too, and pass
+    assert "4f baseline vit median" in result.output  # the baseline rows are checked too, and pass
 
 
 def test_too_few_samples_is_inconclusive(cli, tiny_result, tmp_path):
@@ -81,7 +81,7 @@ def test_expected_reduction_gate(cli, tiny_result, tmp_path):
 def test_token_counts_are_gated_exactly(cli, tiny_result, tmp_path):
     base = synthetic(tiny_result)
     new = synthetic(tiny_result)
-    new.points[0].tokens["stc"]["prefill"] += 1
+    new.compared[0].tokens["prefill"] += 1
     result = cli("compare", save(base, tmp_path / "b"), save(new, tmp_path / "n"))
     assert result.exit_code == 1 and "token counts must match exactly" in result.output
 

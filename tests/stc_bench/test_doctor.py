@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stc_bench import doctor
-from stc_bench.device import HOST_READS, HostSyncError, forbid_host_syncs, host_resident, resolve_device
+from stc_bench.device import HOST_READS, Device, HostSyncError, forbid_host_syncs, host_resident, resolve_device
 from stc_bench.timing import StageTimer
 
 CPU = resolve_device("cpu")
@@ -34,10 +34,124 @@ def test_guard_restores_tensor_methods_after_an_error():
     assert torch.ones(1).item() == 1.0
 
 
+BLOCKING = (
+    ("torch.cuda.synchronize", lambda: torch.cuda.synchronize()),
+    ("torch.cuda.empty_cache", lambda: torch.cuda.empty_cache()),
+    ("torch.cuda.Event.synchronize", lambda: torch.cuda.Event.synchronize(object())),
+    ("torch.cuda.Stream.synchronize", lambda: torch.cuda.Stream.synchronize(object())),
+    ("torch.cuda.CUDAGraph.capture_begin", lambda: torch.cuda.CUDAGraph.capture_begin(object())),
+)
+
+
+def _blocking_originals():
+    return (torch.cuda.synchronize, torch.cuda.empty_cache, vars(torch.cuda.Event)["synchronize"],
+            vars(torch.cuda.Stream)["synchronize"], vars(torch.cuda.CUDAGraph)["capture_begin"])
+
+
+@pytest.mark.parametrize(("what", "call"), BLOCKING, ids=[b[0] for b in BLOCKING])
+def test_a_blocking_cuda_call_inside_a_strict_span_raises_before_torch_sees_it(what, call):
+    """set_sync_debug_mode misses these (and a graph capture, which calls synchronize and
+    empty_cache); the guard refuses them on every device, so on a CPU-only torch the guard's
+    error comes first, not torch's "not compiled with CUDA"."""
+    originals = _blocking_originals()
+    timer = StageTimer(CPU, forbid_syncs=True)
+    with pytest.raises(HostSyncError, match=f"{what}\\(\\) inside a timed span: it blocks the host"):
+        with timer.span("vit", 0):
+            call()
+    assert _blocking_originals() == originals  # restored after the error
+
+
+def test_device_synchronize_of_a_gpu_inside_a_strict_span_raises():
+    gpu = Device(torch.device("cuda", 0))  # only its synchronize() is called: no CUDA needed
+    with pytest.raises(HostSyncError, match="torch.cuda.synchronize"):
+        with forbid_host_syncs(CPU):
+            gpu.synchronize()
+
+
+def test_cuda_guard_sets_sync_debug_mode_and_refuses_the_calls_it_misses(monkeypatch):
+    """The CUDA branch, run with fakes: sync debug mode "error" inside, the previous mode after
+    (also after an error), the blocking calls refused, tensor methods left to the debug mode."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    originals = _blocking_originals()
+    gpu = Device(torch.device("cuda", 0))
+    with pytest.raises(HostSyncError, match="torch.cuda.empty_cache"):
+        with forbid_host_syncs(gpu):
+            assert modes == ["error"]
+            assert torch.tensor(3).item() == 3  # on a GPU the debug mode judges reads by where the tensor is
+            torch.cuda.empty_cache()
+    assert modes == ["error", 0]
+    assert _blocking_originals() == originals
+
+
 def test_no_framework_or_arm_syncs_inside_a_span_on_cpu():
     results = doctor.check_no_host_syncs(CPU)
     assert len(results) == 8  # 4 frameworks x (baseline, +STC)
     assert all(r.status == doctor.PASS for r in results), [r for r in results if r.status != doctor.PASS]
+
+
+def test_strict_pass_streams_twelve_frames_in_several_calls_and_checks_graphs_arms():
+    """Dispider gets calls of 4 frames (its own 16 would be one call); LiveCC, whose tower offers
+    no graphs, gets a SKIP for its graphs arm; elsewhere the graphs arm must prove, from its graph
+    statistics, that it replayed graphs: on a CPU it cannot, so it fails."""
+    results = doctor.check_no_host_syncs(CPU, frameworks=("dispider", "livecc"), graphs=True)
+    assert [r.status for r in results] == [doctor.PASS, doctor.PASS, doctor.FAIL, doctor.PASS, doctor.PASS, doctor.SKIP]
+    assert results[0].figure.startswith("3 spans, 12 frames, --chunk-frames 4")
+    assert results[3].figure.startswith("8 spans, 12 frames")  # LiveCC: 6 frames, then 3 one-group steps
+    assert results[2].name.endswith(" graphs")
+    assert "no graph_stats" in results[2].figure or "ran eager: tensors are on cpu" in results[2].figure
+    assert "not available for Qwen2-VL towers" in results[5].figure
+
+
+def test_graph_use_of_a_timed_pass_is_judged_from_stats_before_and_after_it():
+    from stc.cacher.graph import GraphStats
+
+    before = GraphStats(captures=4, replays=10, eager_calls=0, disabled_reason=None)
+    assert doctor.graph_use_problems(before, GraphStats(4, 20, 0, None)) == ([], 10)
+    problems, _ = doctor.graph_use_problems(before, GraphStats(6, 20, 0, None))
+    assert problems == ["2 graphs captured in the timed pass (capture belongs in the untimed prepare pass)"]
+    problems, _ = doctor.graph_use_problems(before, GraphStats(4, 10, 3, "capture failed: HostSyncError: ..."))
+    assert problems == ["ran eager: capture failed: HostSyncError: ..."]
+    assert doctor.graph_use_problems(before, GraphStats(4, 10, 0, None))[0] == ["no graph replayed in the timed pass"]
+    assert "no graph_stats" in doctor.graph_use_problems(None, None)[0][0]
+
+
+def test_launch_verdict_compares_spans_with_the_same_pass_pre_queued():
+    assert doctor.launch_verdict(130.0, 100.0, 40.0, 200.0).startswith("launch-bound (+30% over pre-queued)")
+    assert doctor.launch_verdict(110.0, 100.0, 40.0, 200.0) == "GPU-bound (+10% over pre-queued)"
+    assert doctor.launch_verdict(300.0, 100.0, 250.0, 200.0).startswith("no verdict: the host took 250.0 ms")
+
+
+def test_kv_cache_estimate_of_qwen2_7b():
+    from stc_bench.frameworks.parts import QWEN2
+
+    # 28 layers x 4 KV heads x 128 wide, keys and values, fp16: 57344 bytes per token
+    assert doctor.kv_cache_gib(QWEN2["full"], 2**15, 2) == pytest.approx(57344 * 2**15 / 2**30)
+
+
+def test_run_checks_keep_the_device_current_for_every_check(monkeypatch):
+    import contextlib
+
+    current = []
+    seen = []
+
+    @contextlib.contextmanager
+    def activate(self):
+        current.append(self)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(Device, "activate", activate)
+    for name in ("check_timer", "check_no_host_syncs", "check_cuda_graphs", "check_full_builds"):
+        monkeypatch.setattr(doctor, name, lambda device, name=name: seen.append((name, list(current))) or [])
+    for name in ("check_null_arm", "check_launch_bound"):
+        monkeypatch.setattr(doctor, name, lambda device, scale, name=name: seen.append((name, list(current))) or [])
+    monkeypatch.setattr(doctor, "check_clocks", lambda device, when: seen.append(("clocks", list(current))) or
+                        doctor.CheckResult("clocks", doctor.INFO, when))
+    list(doctor.run_checks(CPU, "tiny"))
+    assert len(seen) == 8 and all(active == [CPU] for _, active in seen)
+    assert current == []
 
 
 def test_a_sync_inside_a_span_is_reported_with_the_operation(monkeypatch):

@@ -3,18 +3,16 @@
 import pytest
 import torch
 
-import stc
-from stc_bench.config import STCPoint
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_HELP, FRAMEWORK_MODULES, get_framework
-from stc_bench.frameworks.framework import ArmSettings
 from stc_bench.frameworks.livecc import SHAPES as LIVECC
 from stc_bench.frameworks.livecc import patchify
 from stc_bench.frameworks.streamforest import memory_tokens, tome_merge
+from stc_bench.measurement import BASELINE as BASE
+from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
 
-CACHER = ArmSettings("stc", STCPoint(0.25, 2, 64), stc.CacherConfig(), None)
-BASE = ArmSettings("baseline")
+CACHER = get_method("stc").arm()
 
 
 def run(framework: str, frames: int, arm=CACHER, chunk=None):
@@ -63,8 +61,8 @@ def test_streamforest_streams_frames_one_by_one_then_answers_once():
     assert [s.stage for s in spans] == ["vit"] * 5 + ["compress", "prefill"]
     assert out.tokens == {"vit": 5 * 729, "compress": 729 + 4 * 128, "prefill": 729 + 4 * 128 + 32}
     assert out.chunk_kinds == ["refresh", "selective", "refresh", "selective", "refresh"]
-    base = pipeline.macs(5, BASE, 1)
-    assert base["prefill"] == pipeline.macs(5, CACHER, 1)["prefill"] and base["compress"] is None
+    base = pipeline.macs(5, BASE, 1, out)
+    assert base["prefill"] == pipeline.macs(5, CACHER, 1, out)["prefill"] and base["compress"] is None
 
 
 def test_dispider_runs_clips_of_16_with_cls_always_recomputed():

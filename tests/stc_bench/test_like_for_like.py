@@ -1,22 +1,23 @@
-"""Like for like: the null arm (--interval 1) dispatches exactly the baseline's kernels.
+"""Like for like: the null arm (--interval 1) dispatches exactly the baseline's ViT kernels.
 
 A reduction is only STC's if both arms run the same kernels wherever they do the same work. The
-test counts the operators one streamed pass dispatches, per framework, with the baseline and
-with a cacher that refreshes every frame, and requires the same counts of every operator that
-launches work (views and metadata operators aside). No timing is involved.
+test counts the operators that one streamed pass dispatches inside its ``vit`` spans, per
+framework, with the baseline and with a cacher that refreshes every frame, and requires the same
+counts of every operator that launches work (views and metadata operators aside). No timing is
+involved.
 """
 
 import collections
+import contextlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import stc
-from stc_bench.config import STCPoint
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
-from stc_bench.frameworks.framework import ArmSettings
+from stc_bench.measurement import BASELINE
+from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
 
 METADATA_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand",
@@ -24,8 +25,25 @@ METADATA_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpos
                 "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.as_strided"}
 """Operators that only make a new view of the same memory: they launch nothing."""
 
-BASELINE = ArmSettings("baseline")
-NULL_ARM = ArmSettings("stc", STCPoint(0.25, 1, 64), stc.CacherConfig(update_ratio=0.25, cache_interval=1), None)
+NULL_ARM = get_method("stc").arm(ratio=0.25, interval=1)
+
+
+class ViTSpanTimer(StageTimer):
+    """A timer whose ``vit`` spans count the operators they dispatch."""
+
+    def __init__(self):
+        super().__init__(resolve_device("cpu"))
+        self.counts = collections.Counter()
+
+    @contextlib.contextmanager
+    def span(self, stage, chunk):
+        with super().span(stage, chunk):
+            if stage != "vit":
+                yield
+                return
+            with OpCounter() as counter:
+                yield
+            self.counts.update(counter.counts)
 
 
 class OpCounter(TorchDispatchMode):
@@ -41,12 +59,11 @@ class OpCounter(TorchDispatchMode):
 
 
 def kernels_of_one_pass(pipeline, clip, arm) -> collections.Counter:
-    device = resolve_device("cpu")
     with torch.inference_mode():
-        pipeline.stream(clip, arm, StageTimer(device), pipeline.default_chunk_frames)  # one-time work first
-        with OpCounter() as counter:
-            pipeline.stream(clip, arm, StageTimer(device), pipeline.default_chunk_frames)
-    return collections.Counter({op: n for op, n in counter.counts.items() if op not in METADATA_OPS})
+        pipeline.stream(clip, arm, StageTimer(resolve_device("cpu")), pipeline.default_chunk_frames)  # one-time work first
+        timer = ViTSpanTimer()
+        pipeline.stream(clip, arm, timer, pipeline.default_chunk_frames)
+    return collections.Counter({op: n for op, n in timer.counts.items() if op not in METADATA_OPS})
 
 
 @pytest.mark.parametrize("framework", sorted(FRAMEWORK_MODULES))

@@ -5,10 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stc_bench.measurement import Measurement, StageSpec, paired_reduction
+from stc_bench.measurement import BASELINE, Measurement, StageSpec, paired_reduction
+from stc_bench.methods.method import Arm
 
-SPEC = StageSpec("rekv", "tiny", "cpu", "float32", 4, "vit", "baseline")
-STC_SPEC = StageSpec("rekv", "tiny", "cpu", "float32", 4, "vit", "stc", 0.25, 2, 64)
+SPEC = StageSpec("rekv", "tiny", "cpu", "float32", 4, "vit", BASELINE)
+STC_SPEC = StageSpec("rekv", "tiny", "cpu", "float32", 4, "vit", Arm("stc", (("ratio", 0.25), ("interval", 2))))
 
 
 def test_statistics_against_hand_computed_samples():

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 import stc
-from stc_bench.config import STCPoint
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import get_framework
-from stc_bench.frameworks.framework import ArmSettings
+from stc_bench.frameworks.framework import method_stream
 from stc_bench.frameworks.rekv import SHAPES, build, pool_2x2_bilinear
+from stc_bench.measurement import BASELINE
+from stc_bench.methods import get_method
+from stc_bench.methods.method import MethodStream
 from stc_bench.timing import StageTimer
 
-STC_ARM = ArmSettings("stc", STCPoint(0.25, 2, 64), stc.CacherConfig(), stc.PrunerConfig(tokens_per_frame=64))
+STC_ARM = get_method("stc").arm(ratio=0.25, interval=2, tokens_per_frame=64)
 
 
 @pytest.mark.parametrize("scale", ["full", "small", "tiny"])
@@ -24,8 +26,9 @@ def test_token_counts_729_196_64_at_every_scale(scale):
     with torch.inference_mode():
         features = pipeline.encode(clip)
         assert features.shape == (2, 729, SHAPES[scale].tower.width)
-        assert pipeline.compress(features, None).shape == (2, 196, SHAPES[scale].llm.width)
-        assert pipeline.compress(features, stc.STCPruner(stc.PrunerConfig(tokens_per_frame=64))).shape == (2, 64, SHAPES[scale].llm.width)
+        assert pipeline.compress(features, MethodStream()).shape == (2, 196, SHAPES[scale].llm.width)
+        pruning = method_stream(STC_ARM, pipeline.site)
+        assert pipeline.compress(features, pruning).shape == (2, 64, SHAPES[scale].llm.width)
         with stc.cacher_attached(pipeline.vision_tower, stc.CacherConfig(update_ratio=0.25)) as handle:
             pipeline.encode(clip)
         assert handle.stats.recomputed_tokens == (729 + 182,) * SHAPES[scale].tower.layers
@@ -77,7 +80,11 @@ def test_every_stream_starts_fresh():
 
 def test_macs_follow_the_flop_model():
     pipeline = build("tiny", torch.device("cpu"), torch.float32, 0)
-    base = pipeline.macs(16, ArmSettings("baseline"), 1)
-    new = pipeline.macs(16, STC_ARM, 1)
+    clip = torch.randn(16, 3, 54, 54)
+    with torch.inference_mode():
+        base_out = pipeline.stream(clip, BASELINE, StageTimer(resolve_device("cpu")), 1)
+        stc_out = pipeline.stream(clip, STC_ARM, StageTimer(resolve_device("cpu")), 1)
+    base = pipeline.macs(16, BASELINE, 1, base_out)
+    new = pipeline.macs(16, STC_ARM, 1, stc_out)
     assert base["compress"] is None
     assert new["vit"] / base["vit"] < 0.7 and new["prefill"] / base["prefill"] < 64 / 196 + 0.05

@@ -14,16 +14,16 @@ def test_sweep_writes_every_point_file_and_plot(cli, tmp_path):
     assert result.exit_code == 0, result.output
     folder = run_folder(tmp_path)
     data = json.loads((folder / "results.json").read_text())
-    points = {(p["point"]["ratio"], p["point"]["interval"]) for p in data["points"]}
+    points = {(a["arm"]["knobs"]["ratio"], a["arm"]["knobs"]["interval"]) for a in data["arms"] if a["arm"]["method"] == "stc"}
     assert points == {(r, n) for r in (0.1, 0.25, 0.5) for n in (2, 4)}
     assert data["complete"] is True and not (folder / "partial.json").exists()
-    baselines = [m for m in data["measurements"] if m["spec"]["arm"] == "baseline"]
+    baselines = [m for m in data["measurements"] if m["spec"]["arm"]["method"] == "baseline"]
     assert len(baselines) == 3  # one shared baseline per stage, not one per point
     for name in ("summary.csv", "reductions.csv", "report.md", "latency.png", "reduction_vs_ratio.png",
-                 "reduction_vs_interval.png", "fidelity_vs_ratio.png"):
+                 "reduction_vs_interval.png", "fidelity_vs_ratio.png", "pareto.png"):
         assert (folder / name).is_file(), name
-    assert "vit % [95% CI]" in result.output
-    assert "### Sweep" in (folder / "report.md").read_text()
+    assert "ViT reduction [95% CI]" in result.output and "stc r0.1 N4 k64" in result.output
+    assert "#### stc r0.5 N2 k64" in (folder / "report.md").read_text()
 
 
 def test_an_interrupted_sweep_resumes_to_the_same_point_set(cli, tmp_path, monkeypatch):
@@ -47,7 +47,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_point_set(cli, tmp_path, monke
     assert "interrupted during --frames 6" in stopped.output and "--resume" in stopped.output, stopped.output[-400:]
     folder = run_folder(tmp_path / "run")
     partial = json.loads((folder / "results.json").read_text())
-    assert partial["complete"] is False and [p["frames"] for p in partial["points"]] == [4, 4, 4]
+    assert partial["complete"] is False and [a["frames"] for a in partial["arms"]] == [4, 4, 4, 4]  # baseline + 3 points
     progress = json.loads((folder / "partial.json").read_text())
     assert progress["frames"] == 6 and progress["rounds"] == 1
 
@@ -58,7 +58,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_point_set(cli, tmp_path, monke
     assert final["complete"] is True and len(final["run"]["resumed_utc"]) == 1
 
     def point_set(d):
-        return sorted((p["frames"], p["point"]["ratio"], p["point"]["interval"], p["point"]["tokens_per_frame"]) for p in d["points"])
+        return sorted((a["frames"], a["arm"]["method"], tuple(sorted(a["arm"]["knobs"].items()))) for a in d["arms"])
 
     assert point_set(final) == point_set(expected)
     assert sorted(len(m["times_ms"]) for m in final["measurements"]) == sorted(len(m["times_ms"]) for m in expected["measurements"])
