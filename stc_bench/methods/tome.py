@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stc.integrations.handle import HANDLE_ATTRIBUTE, PatchHandle
 from stc_bench.methods.method import TOWER, Arm, HookSite, Knob, MethodSpec, MethodStream, at_least_one
 
 
@@ -189,10 +190,6 @@ def merge_schedule(num_tokens: int, num_layers: int, target_tokens: int, class_t
 
 # --- ToMe inside a HuggingFace CLIP / SigLIP vision tower -----------------------------------
 
-HANDLE_ATTRIBUTE = "_stc_handle"
-"""The one attribute a patched tower carries (the same name stc's patches use): its handle."""
-
-_ABSENT = object()
 _QWEN2_VL_BLOCK = "Qwen2VLVisionBlock"
 _CLASS_TOKEN = {"CLIPEncoderLayer": True, "SiglipEncoderLayer": False}
 """Supported layer classes (by name) and whether their frames start with a CLS token."""
@@ -303,14 +300,13 @@ def _forward_attribute(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-class ToMeHandle:
-    """ToMe attached to a CLIP/SigLIP tower: the last call's token sizes and counts; ``detach()`` undoes it."""
+class ToMeHandle(PatchHandle):
+    """ToMe attached to a CLIP/SigLIP tower: the last call's token sizes and counts; ``detach()``
+    restores the tower exactly (the bookkeeping of STC's own patches)."""
 
     def __init__(self, tower: nn.Module, state: ToMeState):
-        self.tower = tower
+        super().__init__(tower)
         self._state = state
-        self._replacements: list[tuple[object, str, object]] = []   # (owner, name, previous or _ABSENT)
-        self.attached = False
 
     @property
     def schedule(self) -> tuple[int, ...]:
@@ -338,26 +334,8 @@ class ToMeHandle:
             return torch.ones(state.frames, state.token_counts[-1])
         return state.size
 
-    def _replace(self, owner: object, name: str, value: object) -> None:
-        self._replacements.append((owner, name, owner.__dict__.get(name, _ABSENT)))
-        setattr(owner, name, value)
-
-    def detach(self) -> nn.Module:
-        """Restore every replaced attribute exactly (deleting those that were absent); idempotent."""
-        for owner, name, previous in reversed(self._replacements):
-            if previous is _ABSENT:
-                owner.__dict__.pop(name, None)
-            else:
-                setattr(owner, name, previous)
-        self._replacements.clear()
-        self.attached = False
-        return self.tower
-
     def __enter__(self) -> ToMeHandle:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -400,11 +378,10 @@ def attach_tome(model: nn.Module, schedule: Sequence[int]) -> ToMeHandle:
             name = _forward_attribute(layer)
             returns_tuple = "output_attentions" in inspect.signature(getattr(layer, name)).parameters  # 4.x layers
             handle._replace(layer, name, _make_forward(layer, i, state, returns_tuple))
-        handle._replace(tower, HANDLE_ATTRIBUTE, handle)
+        handle._install()
     except BaseException:
         handle.detach()                               # leave the model as it was
         raise
-    handle.attached = True
     return handle
 
 
