@@ -232,7 +232,8 @@ def _run_block(config: BenchConfig, framework: FrameworkSpec, scale: str, reason
         "stc_components": framework.stc_components,
         "chunk_frames": config.chunk_frames or (pipeline.default_chunk_frames if pipeline else None),
         "attn_implementation": attention_implementations(pipeline.modules()) if pipeline else {},
-        "notes": list(pipeline.notes) if pipeline else [],
+        "notes": (list(pipeline.notes) if pipeline else [])
+                 + [note for note in (get_method(name).report_note for name in config.arms) if note],
     }
 
 

@@ -34,6 +34,7 @@ from stc_bench.frameworks.parts import (
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.methods import get_method
 from stc_bench.methods.method import TOWER, Arm
+from stc_bench.methods.tome import merge_to_count
 from stc_bench.timing import StageTimer
 
 SHORT_TERM_TOKENS = 128
@@ -47,25 +48,11 @@ QUERY_TOKENS = 8
 """The last prompt tokens, whose logits the fidelity figures compare."""
 
 
-def tome_merge(x: torch.Tensor, target: int) -> torch.Tensor:
-    """Merge tokens x (n, C) down to ``target`` by ToMe's bipartite soft matching.
-
-    Each pass splits tokens alternately into sets A and B, pairs every A token with its most
-    similar B token (cosine), and merges the most similar pairs, at most half the tokens per
-    pass, as size-weighted averages. Returns (target, C) (x itself when n <= target).
-    """
-    size = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
-    while x.shape[0] > target:
-        r = min(x.shape[0] - target, x.shape[0] // 2)
-        a, b, sa, sb = x[::2], x[1::2], size[::2], size[1::2]
-        scores = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T     # (na, nb)
-        best, partner = scores.max(dim=-1)
-        order = best.argsort(descending=True)
-        merged, kept = order[:r], order[r:]
-        b = (b * sb).index_add(0, partner[merged], a[merged] * sa[merged])
-        sb = sb.index_add(0, partner[merged], sa[merged])
-        x, size = torch.cat([a[kept], b / sb]), torch.cat([sa[kept], sb])
-    return x
+def merge_tokens(x: torch.Tensor, target: int) -> torch.Tensor:
+    """StreamForest's ToMe merge of tokens x (n, C) down to ``target`` (x itself when n <= target):
+    the ToMe arm's own bipartite soft matching and size-weighted merge, one implementation for
+    both (``stc_bench.methods.tome.merge_to_count``)."""
+    return merge_to_count(x.unsqueeze(0), target)[0].squeeze(0)                        # (min(n, target), C)
 
 
 def memory_tokens(frames: list[torch.Tensor]) -> torch.Tensor:
@@ -80,18 +67,18 @@ def memory_tokens(frames: list[torch.Tensor]) -> torch.Tensor:
     short: list[torch.Tensor] = []
     events: list[tuple[int, torch.Tensor]] = []                                       # (frames, tokens)
     for frame in frames[:-1]:
-        short.append(tome_merge(frame, SHORT_TERM_TOKENS))
+        short.append(merge_tokens(frame, SHORT_TERM_TOKENS))
         if len(short) >= SHORT_TERM_WINDOW + EVENT_SPLIT_WINDOW:
             means = torch.stack([s.float().mean(0) for s in short[: EVENT_SPLIT_WINDOW + 1]])
             similarity = F.cosine_similarity(means[:-1], means[1:], dim=-1)            # (8,)
             cut = int(similarity.argmin()) + 1
             popped, short = short[:cut], short[cut:]
-            events.append((cut, tome_merge(torch.cat(popped), LONG_TERM_TOKENS_PER_FRAME * cut)))
+            events.append((cut, merge_tokens(torch.cat(popped), LONG_TERM_TOKENS_PER_FRAME * cut)))
             while sum(e.shape[0] for _, e in events) > LONG_TERM_QUOTA and len(events) > 1:
                 means = torch.stack([e.float().mean(0) for _, e in events])
                 i = int(F.cosine_similarity(means[:-1], means[1:], dim=-1).argmax())
                 count = math.ceil((events[i][0] + events[i + 1][0]) / 2)
-                joined = tome_merge(torch.cat([events[i][1], events[i + 1][1]]), LONG_TERM_TOKENS_PER_FRAME * count)
+                joined = merge_tokens(torch.cat([events[i][1], events[i + 1][1]]), LONG_TERM_TOKENS_PER_FRAME * count)
                 events[i : i + 2] = [(count, joined)]
     return torch.cat([e for _, e in events] + short + [frames[-1]])
 

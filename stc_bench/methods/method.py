@@ -183,6 +183,8 @@ class MethodSpec:
     Pre-fill MACs follow from the tokens each step sends to the LLM, whatever the method."""
     unavailable: Callable[[HookSite], str | None] = lambda site: None
     """Why the method cannot run at this site (None when it can), e.g. a tower it cannot patch."""
+    report_note: str = ""
+    """What a reader of a report with this arm must know about how it was run (the report's caveats)."""
 
     def arm(self, **values: Any) -> Arm:
         """An arm of this method: defaults overridden by ``values``, every value checked."""

@@ -473,4 +473,8 @@ METHOD = MethodSpec(
     stream=ToMeStream,
     tower_macs=_tower_macs,
     unavailable=_unavailable,
+    report_note="ToMe merges inside every encoder layer (at most half the tokens per layer) down to the per-frame "
+                "budget; where the framework pools a token grid (LLaVA-OV's 2x2 pooling), merged tokens have no grid, "
+                "so they reach the projector unpooled. A tower too shallow for the budget leaves as few tokens as it can "
+                "(the token columns count what was really sent).",
 )

@@ -171,4 +171,7 @@ METHOD = MethodSpec(
                 at_least_one),),
     hooks=frozenset({COMPRESS}),
     stream=VidCom2Stream,
+    report_note="VidCom² runs causally, as a streaming system must: the video centre is the running mean of every token "
+                "of the stream so far (this step's included), not the whole clip's. With one frame per step each frame "
+                "keeps exactly the budget; frame-uniqueness budgets act only within multi-frame steps.",
 )

@@ -229,4 +229,8 @@ METHOD = MethodSpec(
     hooks=frozenset({TOWER, COMPRESS}),
     stream=VisionZipStream,
     unavailable=_unavailable,
+    report_note="VisionZip computes the last encoder layer's attention probabilities explicitly (a fused attention "
+                "kernel never returns them): that cost is in its ViT time. Its importance scores and keys are pooled like "
+                "the tokens, so it selects among the same tokens as the other pre-LLM methods (54 dominant + 10 "
+                "contextual at 64).",
 )

@@ -7,7 +7,7 @@ from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_HELP, FRAMEWORK_MODULES, get_framework
 from stc_bench.frameworks.livecc import SHAPES as LIVECC
 from stc_bench.frameworks.livecc import patchify
-from stc_bench.frameworks.streamforest import memory_tokens, tome_merge
+from stc_bench.frameworks.streamforest import memory_tokens, merge_tokens
 from stc_bench.measurement import BASELINE as BASE
 from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
@@ -40,11 +40,11 @@ def test_full_towers_have_the_published_sizes():
     assert LIVECC["full"].vision.tokens == 1024 and LIVECC["full"].vision.merged_tokens == 256
 
 
-def test_tome_merge_keeps_the_target_count_and_size_weighted_means():
+def test_memory_merge_keeps_the_target_count_and_size_weighted_means():
     x = torch.randn(729, 16)
-    assert tome_merge(x, 128).shape == (128, 16) and tome_merge(x, 800).shape == (729, 16)
+    assert merge_tokens(x, 128).shape == (128, 16) and merge_tokens(x, 800).shape == (729, 16)
     same = torch.ones(10, 4)
-    assert torch.allclose(tome_merge(same, 3), torch.ones(3, 4))
+    assert torch.allclose(merge_tokens(same, 3), torch.ones(3, 4))
 
 
 def test_streamforest_memory_budgets():

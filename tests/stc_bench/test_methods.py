@@ -159,6 +159,8 @@ def test_every_arm_of_the_done_when_command_runs_and_writes_the_pareto_plot(cli,
     report = (folder / "report.md").read_text()
     for label in ("tome k64", "visionzip k64", "vidcom2 k64", "stc r0.25 N2 k64"):
         assert f"| {label} |" in report and f"#### {label}" in report
+    assert "the video centre is the running mean of every token of the stream so far" in report  # how VidCom² was run
+    assert "merged tokens have no grid, so they reach the projector unpooled" in report
 
 
 def test_method_stream_is_fresh_per_video():

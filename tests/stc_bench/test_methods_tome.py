@@ -11,7 +11,6 @@ from stc_bench.methods.tome import (
     layer_token_counts,
     max_merges,
     merge_schedule,
-    merge_to_count,
     merge_weighted_average,
     proportional_attention_bias,
 )
@@ -136,12 +135,3 @@ def test_tower_token_counts_and_size_conservation(tokens, layers, share, cls, se
         assert torch.allclose((x * size.double().unsqueeze(-1)).sum(dim=1) / tokens, mean)
 
 
-def test_merge_to_count_matches_streamforests_memory_merge():
-    """One ToMe implementation can serve StreamForest's memory: same tokens, possibly reordered."""
-    from stc_bench.frameworks.streamforest import tome_merge
-
-    x = torch.randn(1, 50, 6, generator=torch.Generator().manual_seed(3))
-    ours, size = merge_to_count(x, 12)
-    theirs = tome_merge(x[0], 12)
-    assert ours.shape == (1, 12, 6) and size.sum() == 50
-    assert torch.allclose(ours[0][ours[0][:, 0].argsort()], theirs[theirs[:, 0].argsort()], atol=1e-6)
