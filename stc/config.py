@@ -8,9 +8,11 @@ device, file or environment variable. ``STCConfig.from_env`` is the one place th
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from stc.errors import ConfigError
 
 Metric = Literal["cosine", "l1", "l2"]
 Selection = Literal["shared", "per_layer"]
@@ -21,13 +23,41 @@ SELECTIONS: tuple[str, ...] = ("shared", "per_layer")
 STRATEGIES: tuple[str, ...] = ("gaussian", "dual_anchor")
 
 
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is out of range: {name} must be {allowed}")
+def _is_number(value: object) -> bool:
+    # bool is a subclass of int: True would pass as 1 and False as 0 without this.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_number(name: str, value: object, in_range: Callable[[float], bool], allowed: str, example: float) -> None:
+    """A number (not a bool) for which ``in_range`` holds, or a ``ConfigError`` naming the field,
+    the value, what is allowed and, for a value of the wrong type, an example."""
+    if not _is_number(value):
+        raise ConfigError(f"{name}={value!r} is not a number: {name} must be a number {allowed}, e.g. {example!r}", allowed)
+    if not in_range(value):  # NaN fails every comparison, so it lands here
+        raise ConfigError(f"{name}={value!r} is out of range: {name} must be {allowed}", allowed)
+
+
+def _require_integer(name: str, value: object, minimum: int, example: int) -> None:
+    allowed = f"an integer >= {minimum}"
+    if not _is_integer(value):
+        raise ConfigError(f"{name}={value!r} is not an integer: {name} must be {allowed}, e.g. {example!r}", allowed)
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} is out of range: {name} must be {allowed}", allowed)
 
 
 def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    _require(value in choices, name, value, "one of " + ", ".join(repr(c) for c in choices))
+    allowed = "one of " + ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name}={value!r} is not a valid choice: {name} must be {allowed}", allowed)
+
+
+def _require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a boolean: {name} must be True or False", "True or False")
 
 
 @dataclass(frozen=True)
@@ -46,18 +76,11 @@ class CacherConfig:
     """Replay selective layers from CUDA graphs (GPU only; falls back to eager elsewhere)."""
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.update_ratio, (int, float)) and 0.0 < self.update_ratio <= 1.0,
-            "update_ratio", self.update_ratio, "in (0, 1]",
-        )
-        _require(
-            isinstance(self.cache_interval, int) and not isinstance(self.cache_interval, bool)
-            and self.cache_interval >= 1,
-            "cache_interval", self.cache_interval, "an integer >= 1",
-        )
+        _require_number("update_ratio", self.update_ratio, lambda r: 0.0 < r <= 1.0, "in (0, 1]", 0.25)
+        _require_integer("cache_interval", self.cache_interval, 1, 2)
         _require_choice("metric", self.metric, METRICS)
         _require_choice("selection", self.selection, SELECTIONS)
-        _require(isinstance(self.cuda_graph, bool), "cuda_graph", self.cuda_graph, "True or False")
+        _require_bool("cuda_graph", self.cuda_graph)
 
 
 @dataclass(frozen=True)
@@ -76,32 +99,39 @@ class PrunerConfig:
     """gaussian only: the kernel widths alpha of G(x, c) = sum exp(-|x - c|^2 / (2 alpha))."""
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.tokens_per_frame, int) and not isinstance(self.tokens_per_frame, bool)
-            and self.tokens_per_frame >= 1,
-            "tokens_per_frame", self.tokens_per_frame, "an integer >= 1",
-        )
+        _require_integer("tokens_per_frame", self.tokens_per_frame, 1, 64)
         _require_choice("strategy", self.strategy, STRATEGIES)
-        _require(
-            isinstance(self.channel_keep_ratio, (int, float)) and 0.0 < self.channel_keep_ratio <= 1.0,
-            "channel_keep_ratio", self.channel_keep_ratio, "in (0, 1]",
-        )
-        _require(
-            isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
-            "alpha", self.alpha, "in [0, 1]",
-        )
-        _require(
-            len(self.gaussian_scales) > 0 and all(s > 0 for s in self.gaussian_scales),
-            "gaussian_scales", self.gaussian_scales, "a non-empty tuple of positive widths",
-        )
+        _require_number("channel_keep_ratio", self.channel_keep_ratio, lambda r: 0.0 < r <= 1.0, "in (0, 1]", 0.5)
+        _require_number("alpha", self.alpha, lambda a: 0.0 <= a <= 1.0, "in [0, 1]", 0.5)
+        scales = self.gaussian_scales
+        # A tuple, not a list: the config must stay hashable.
+        if not (isinstance(scales, tuple) and scales and all(_is_number(s) and s > 0 for s in scales)):
+            allowed = "a non-empty tuple of positive widths"
+            raise ConfigError(
+                f"gaussian_scales={scales!r} is invalid: gaussian_scales must be {allowed}, "
+                "e.g. (0.125, 0.25, 0.5, 1.0, 2.0)", allowed,
+            )
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
+_ENV_EXAMPLES = {
+    "STC_PATCH_VISION": "1", "STC_UPDATE_TOKEN_RATIO": "0.25", "STC_CACHE_INTERVAL": "2",
+    "STC_CUDA_GRAPH": "1", "STC_SHARE_SELECTION": "0", "STC_TOKEN_PER_FRAME": "64",
+}
+"""A valid value of every variable ``from_env`` reads, shown in its error messages."""
+
+
+def _env_raw(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is not None and not isinstance(raw, str):
+        raise TypeError(f"{name}={raw!r} is not a string: environment values are strings, e.g. {name}='{_ENV_EXAMPLES[name]}'")
+    return raw
+
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
+    raw = _env_raw(env, name)
     if raw is None:
         return default
     value = raw.strip().lower()
@@ -109,18 +139,26 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={raw!r} is not a boolean: set it to 1 or 0")
+    raise ConfigError(f"{name}={raw!r} is not a boolean: set it to 1 or 0, e.g. {name}={_ENV_EXAMPLES[name]}", "1 or 0")
 
 
-def _env_number(env: Mapping[str, str], name: str, kind: type, default):
-    raw = env.get(name)
+def _env_number(env: Mapping[str, str], name: str, kind: type, default, check: Callable[[object], object]):
+    """The variable ``name`` parsed as ``kind`` (``default`` when unset or empty), validated by
+    ``check`` (a config built from that one value) so that an error names the variable."""
+    raw = _env_raw(env, name)
     if raw is None or raw.strip() == "":
         return default
+    example = f"e.g. {name}={_ENV_EXAMPLES[name]}"
     try:
-        return kind(raw.strip())
+        value = kind(raw.strip())
     except ValueError:
-        noun = "an integer" if kind is int else "a number"
-        raise ValueError(f"{name}={raw!r} is not {noun}: set it to {noun}, e.g. {default!r}") from None
+        noun = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {noun}: set it to {noun}, {example}", noun) from None
+    try:
+        check(value)
+    except ConfigError as err:
+        raise ConfigError(f"{name}={raw!r} is out of range: it must be {err.allowed}, {example}", err.allowed) from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -130,6 +168,11 @@ class STCConfig:
     cacher: CacherConfig | None = None
     pruner: PrunerConfig | None = None
 
+    def __post_init__(self) -> None:
+        for name, value, kind in (("cacher", self.cacher, CacherConfig), ("pruner", self.pruner, PrunerConfig)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a stc.{kind.__name__} or None (off), got {type(value).__name__}")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> STCConfig:
         """Build a config from the original STC scripts' environment variables.
@@ -138,28 +181,25 @@ class STCConfig:
         ``STC_CACHE_INTERVAL``, ``STC_CUDA_GRAPH`` and ``STC_SHARE_SELECTION`` (1 = shared,
         0 = per layer). ``STC_TOKEN_PER_FRAME`` switches the pruner on with that budget.
         ``env`` defaults to ``os.environ``; this is the only reader of ``STC_*`` variables.
+        A bad value raises ``stc.errors.ConfigError`` (a ``ValueError``) naming the variable, its value and a valid example.
         """
         env = os.environ if env is None else env
+        if not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of variable names to strings, such as os.environ; got {type(env).__name__}")
         defaults = CacherConfig()
         cacher = None
         if _env_bool(env, "STC_PATCH_VISION", False):
             shared = _env_bool(env, "STC_SHARE_SELECTION", defaults.selection == "shared")
-            try:
-                cacher = CacherConfig(
-                    update_ratio=_env_number(env, "STC_UPDATE_TOKEN_RATIO", float, defaults.update_ratio),
-                    cache_interval=_env_number(env, "STC_CACHE_INTERVAL", int, defaults.cache_interval),
-                    cuda_graph=_env_bool(env, "STC_CUDA_GRAPH", defaults.cuda_graph),
-                    selection="shared" if shared else "per_layer",
-                )
-            except ValueError as err:
-                raise ValueError(f"{err} (read from STC_* environment variables)") from None
-        pruner = None
-        budget = _env_number(env, "STC_TOKEN_PER_FRAME", int, None)
-        if budget is not None:
-            try:
-                pruner = PrunerConfig(tokens_per_frame=budget)
-            except ValueError as err:
-                raise ValueError(f"{err} (read from STC_TOKEN_PER_FRAME)") from None
+            cacher = CacherConfig(
+                update_ratio=_env_number(env, "STC_UPDATE_TOKEN_RATIO", float, defaults.update_ratio,
+                                         lambda v: CacherConfig(update_ratio=v)),
+                cache_interval=_env_number(env, "STC_CACHE_INTERVAL", int, defaults.cache_interval,
+                                           lambda v: CacherConfig(cache_interval=v)),
+                cuda_graph=_env_bool(env, "STC_CUDA_GRAPH", defaults.cuda_graph),
+                selection="shared" if shared else "per_layer",
+            )
+        budget = _env_number(env, "STC_TOKEN_PER_FRAME", int, None, lambda v: PrunerConfig(tokens_per_frame=v))
+        pruner = None if budget is None else PrunerConfig(tokens_per_frame=budget)
         return cls(cacher=cacher, pruner=pruner)
 
 

@@ -107,8 +107,28 @@ class CallPlan:
     recomputed: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StreamCheckpoint:
+    """The stream as it was before a call, so that a call that raises part-way can be undone.
+
+    Holds the references by pointer (a refresh frame replaces a layer's reference, never writes
+    into it), and the record list with its length (a call appends to it, a reset replaces it)."""
+
+    frame_index: int
+    tokens_per_frame: int | None
+    references: tuple[LayerReference | None, ...]
+    records: list[CallRecord]
+    record_count: int
+
+
 class CacherState:
-    """Mutable state of one stream (one video) through one patched tower."""
+    """Mutable state of one stream (one video) through one patched tower.
+
+    A call either finishes or leaves no trace: a call that raised part-way (an error in layer 3
+    of 6 leaves layers 0 to 2 with new references and the frame counter advanced) is rolled
+    back, by the tower's guard as the error passes (``checkpoint``/``restore``), or, where layers
+    are called one by one without the tower, by the next call's first layer.
+    """
 
     def __init__(self, config: CacherConfig, num_layers: int, reset_on_resize: bool = False):
         self.config = config
@@ -117,6 +137,9 @@ class CacherState:
         """True: frames of a new token count start a new stream; False: they are an error."""
         self.call_shape: tuple[int, int] | None = None
         """(frames, tokens per frame) of the current call, for towers that see a flat sequence."""
+        self.passthrough = False
+        """True while the tower serves a call outside the stream (an image through a whole model):
+        the patched forwards then run the original ones and leave the stream untouched."""
         self.reset()
 
     def reset(self) -> None:
@@ -126,19 +149,41 @@ class CacherState:
         self.plan: CallPlan | None = None
         self.records: list[CallRecord] = []
         self.tokens_per_frame: int | None = None
+        self._call_start: StreamCheckpoint | None = None
 
     def drop_references(self) -> None:
         """Free the cached references (after detach); the next frame will refresh."""
         self.references = [None] * self.num_layers
         self.plan = None
+        self._call_start = None
+
+    def checkpoint(self) -> StreamCheckpoint:
+        """The stream as it is now (no tensor is copied), for ``restore``."""
+        return StreamCheckpoint(self.frame_index, self.tokens_per_frame, tuple(self.references), self.records,
+                                len(self.records))
+
+    def restore(self, checkpoint: StreamCheckpoint) -> None:
+        """Put the stream back as it was at ``checkpoint``: frame counter, references, statistics.
+        A call in progress is abandoned."""
+        self.frame_index = checkpoint.frame_index
+        self.tokens_per_frame = checkpoint.tokens_per_frame
+        self.references = list(checkpoint.references)
+        self.records = checkpoint.records
+        del self.records[checkpoint.record_count :]
+        self.plan = None
+        self._call_start = None
 
     def begin_call(self, frames: int, tokens: int, device: torch.device, prefix_tokens: int = 0) -> CallPlan:
         """Plan a call of ``frames`` frames of ``tokens`` tokens and advance the frame counter.
 
         Frame i is a refresh frame when ``i % cache_interval == 0`` or when no reference exists
-        yet (a previous call failed before storing one); a selective frame reads the latest
-        refresh frame at or before it: one of this call's, or the stored one.
+        (detach dropped them); a selective frame reads the latest refresh frame at or before it:
+        one of this call's, or the stored one. A previous call that never reached the last layer
+        raised part-way: it is rolled back first.
         """
+        if self.plan is not None:
+            self.restore(self._call_start)
+        start = self.checkpoint()
         if self.tokens_per_frame is not None and tokens != self.tokens_per_frame:
             if not self.reset_on_resize:
                 raise StreamStateError(
@@ -174,6 +219,7 @@ class CacherState:
             selective_frames=tuple(first + p for p in selective),
             tokens_per_frame=tokens,
         )
+        self._call_start = start
         return self.plan
 
     def end_call(self) -> None:
@@ -190,6 +236,7 @@ class CacherState:
             )
         )
         self.plan = None
+        self._call_start = None  # frees the references this call replaced
 
     @property
     def stats(self) -> CacherStats:

@@ -14,6 +14,7 @@ from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_f
 from stc.cacher.graph import SelectiveGraphs
 from stc.cacher.state import CacherState
 from stc.core import dynamic_token_count
+from stc.errors import StreamStateError
 
 
 def cached_layer_forward(
@@ -34,7 +35,11 @@ def cached_layer_forward(
     if layer_index == 0:
         state.begin_call(frames, tokens, x.device, ops.prefix_tokens)
     plan = state.plan
-    assert plan is not None, "layers of a patched tower must run in order, starting with layer 0"
+    if plan is None:
+        raise StreamStateError(
+            f"layer {layer_index} of a patched tower ran outside a call that started at layer 0: "
+            "call the tower, or its layers in order from layer 0"
+        )
     config = state.config
     patch_tokens = tokens - ops.prefix_tokens
     count = dynamic_token_count(patch_tokens, config.update_ratio)

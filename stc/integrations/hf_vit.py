@@ -1,16 +1,18 @@
-"""STC-Cacher for HuggingFace vision towers: CLIP, SigLIP and Qwen2-VL (transformers 4.45 to 5.x).
+"""STC-Cacher for HuggingFace vision towers: CLIP, SigLIP and Qwen2-VL (transformers 4.46 to 5.24).
 
 Together with ``qwen2_vl`` this is the only code that knows transformers' attribute names. It
 finds the encoder layers of a vision tower (``CLIPVisionModel``, ``SiglipVisionModel``,
 Qwen2-VL's vision transformer, or a larger model holding one, such as
 ``LlavaOnevisionForConditionalGeneration``), and replaces each layer *instance's* forward with
-the batched streaming forward of ``stc.cacher.stream``. The classes are never touched, so
-``type(layer)``, ``isinstance`` checks and hooks keep working.
+the batched streaming forward of ``stc.cacher.stream`` (and, in a whole model, its image and
+video entry methods: ``vlm``). The classes are never touched, so ``type(layer)``,
+``isinstance`` checks and hooks keep working.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import weakref
@@ -25,7 +27,7 @@ from stc.cacher.state import CacherState
 from stc.cacher.stream import cached_layer_forward
 from stc.config import CacherConfig
 from stc.errors import STCError, UnsupportedModelError
-from stc.integrations import qwen2_vl
+from stc.integrations import qwen2_vl, vlm
 from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle, PatchHandle
 
 logger = logging.getLogger(__name__)
@@ -64,13 +66,26 @@ def _layer_kind(module: nn.Module) -> str | None:
     return next((name for name in _class_names(module) if name in PREFIX_TOKENS), None)
 
 
+def _require_module(model: object, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"{caller} needs the torch.nn.Module that holds the vision tower (a CLIPVisionModel, a SiglipVisionModel, "
+            f"a Qwen2-VL vision tower, or a model holding one, such as LlavaOnevisionForConditionalGeneration); "
+            f"got {'None' if model is None else type(model).__name__}"
+        )
+
+
 def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], str]:
     """The vision tower inside ``model``, its encoder layers in order, and their class name.
 
     The tower is the innermost module with "Vision" in its class name that holds a
-    ``ModuleList`` of supported encoder layers (text encoders of CLIP/SigLIP are skipped).
-    Raises ``UnsupportedModelError`` naming what was found when there is not exactly one.
+    ``ModuleList`` of supported encoder layers (text encoders of CLIP/SigLIP are skipped), or the
+    ``XVisionModel`` that wraps it when it is an ``XVisionTransformer`` (transformers 4.x nests
+    ``CLIPVisionModel.vision_model``; 5.x merged the two): the same tower on every version.
+    Raises ``UnsupportedModelError`` (a ``TypeError``) naming what was found when there is not
+    exactly one, or when ``model`` is not a module.
     """
+    _require_module(model, "find_vision_layers")
     modules = dict(model.named_modules())
     stacks = []
     for path, module in modules.items():
@@ -82,9 +97,13 @@ def find_vision_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], st
     for path, stack, kind in stacks:
         parts = path.split(".") if path else []
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]  # root first
-        vision = [m for m in ancestors if "Vision" in type(m).__name__]
+        vision = [i for i, m in enumerate(ancestors) if "Vision" in type(m).__name__]
         if vision:
-            towers.append((vision[-1], list(stack), kind, path))
+            inner = vision[-1]
+            wrapper = type(ancestors[inner]).__name__.replace("VisionTransformer", "VisionModel")
+            if inner > 0 and wrapper != type(ancestors[inner]).__name__ and type(ancestors[inner - 1]).__name__ == wrapper:
+                inner -= 1
+            towers.append((ancestors[inner], list(stack), kind, path))
     if len(towers) == 1:
         tower, layers, kind, _ = towers[0]
         return tower, layers, kind
@@ -152,36 +171,92 @@ def _check_call(args: tuple, kwargs: dict) -> None:
 
 
 def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, graphs, graph_key: tuple,
-                  returns_tuple: bool):
+                  returns_tuple: bool, original):
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        if state.passthrough:
+            return original(hidden_states, *args, **kwargs)
         _check_call(args, kwargs)
         y = cached_layer_forward(ops, hidden_states, layer_index, state, graphs, graph_key)
         return (y,) if returns_tuple else y
 
     forward.__doc__ = f"""STC-Cacher forward of encoder layer {layer_index}, mirroring
-    ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward`` (transformers 4.45 to 5.x).
+    ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward`` (transformers 4.46 to 5.24).
 
     Modifications:
     - frames are streamed: refresh frames run the full forward and store keys, values and both
       branch outputs; selective frames recompute queries, values, attention and MLP only for
       their most-changed tokens and take the rest from the reference;
     - attention runs through ``F.scaled_dot_product_attention`` on the layer's own projections;
-    - attention masks and ``output_attentions`` are rejected; dropout is not applied.
+    - attention masks and ``output_attentions`` are rejected; dropout is not applied;
+    - a call outside the stream (an image through a whole model) runs the original forward.
     """
     forward._stc_layer_index = layer_index
+    return forward
+
+
+def _unless_passthrough(state: CacherState, streamed, original):
+    """``streamed``, or ``original`` during a call outside the stream (an image through a whole model)."""
+
+    @functools.wraps(streamed)
+    def forward(*args, **kwargs):
+        if state.passthrough:
+            return original(*args, **kwargs)
+        return streamed(*args, **kwargs)
+
+    return forward
+
+
+def _guard_tower(state: CacherState, streamed, original):
+    """The tower's forward under STC-Cacher: ``streamed`` (the original forward, or an
+    integration's wrapper of it), its frames undone in the stream when it raises; the original
+    itself during a call outside the stream."""
+
+    def forward(*args, **kwargs):
+        if state.passthrough:
+            return original(*args, **kwargs)
+        checkpoint = state.checkpoint()
+        try:
+            return streamed(*args, **kwargs)
+        except BaseException:  # a failed call leaves the stream as it was: a retry continues it exactly
+            state.restore(checkpoint)
+            raise
+
+    forward.__doc__ = ("STC-Cacher guard of the vision tower's forward: runs it, and rolls the stream back "
+                       "(frame counter, references, statistics) when it raises.")
     return forward
 
 
 def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> CacherHandle:
     """Patch the vision tower in ``model`` with STC-Cacher and return the handle that undoes it.
 
-    Attaching to an already patched tower detaches the old patch first. Each encoder layer gets
-    an instance-level forward (``_old_forward`` when accelerate hooked the layer).
+    ``model`` is a vision tower (CLIP, SigLIP, Qwen2-VL) or a module holding one. Each encoder
+    layer gets an instance-level forward (``_old_forward`` when accelerate hooked the layer), and
+    the tower's forward a guard that rolls the stream back when a call raises part-way, so a
+    failed call can simply be retried. Attaching to an already patched tower detaches the old
+    patch first.
+
+    Every call to the tower continues one stream, whatever its batch of frames; ``handle.reset()``
+    starts the next video. When ``model`` is a whole model (it has parameters outside the tower,
+    such as ``LlavaOnevisionForConditionalGeneration``), its ``get_image_features`` and
+    ``get_video_features`` are patched on the instance as well (``stc.integrations.vlm``):
+
+    - images pass through: tower calls made inside ``get_image_features`` run the unpatched
+      forwards, bit for bit, and leave the stream untouched;
+    - a ``get_video_features`` call is streamed and must hold one video: several videos in one
+      call raise ``StreamStateError`` ("call the model once per video, with handle.reset()
+      between videos"), since they would share one stream;
+    - a whole model without ``get_video_features`` raises ``UnsupportedModelError``: attach to
+      its tower instead.
+
+    Raises ``UnsupportedModelError`` (a ``TypeError``) when ``model`` is not a module holding
+    one supported tower, and ``TypeError`` when ``config`` is not a ``CacherConfig``.
     """
+    _require_module(model, "attach_cacher")
     config = CacherConfig() if config is None else config
     if not isinstance(config, CacherConfig):
-        raise TypeError(f"config must be a stc.CacherConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a stc.CacherConfig (or None for the defaults), got {type(config).__name__}")
     tower, layers, kind = find_vision_layers(model)
+    whole_model = vlm.entry_owners(model, tower)  # refuses a whole model before anything is touched
     existing = tower.__dict__.get(HANDLE_ATTRIBUTE)
     if existing is not None:
         existing.detach()
@@ -195,18 +270,27 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     elif config.cuda_graph:
         graphs = _TOWER_GRAPHS.setdefault(tower, SelectiveGraphs())
     handle = CacherHandle(tower, config, state, graphs)
-    if qwen:
+    try:
+        if whole_model is not None:
+            vlm.patch_entries(handle, *whole_model, state)
         name = _forward_attribute(tower)
-        handle._replace(tower, name, qwen2_vl.make_tower_forward(getattr(tower, name), state))
-    for i, layer in enumerate(layers):
-        name = _forward_attribute(layer)
-        if qwen:
-            forward = qwen2_vl.make_block_forward(layer, i, state, graphs)
-        else:
-            returns_tuple = "output_attentions" in inspect.signature(getattr(layer, name)).parameters  # 4.x layers
-            ops = HFViTLayerOps(layer, PREFIX_TOKENS[kind])
-            forward = _make_forward(ops, i, state, graphs, _weights_key(layer) if graphs is not None else (), returns_tuple)
-        handle._replace(layer, name, forward)
+        original = getattr(tower, name)
+        streamed = qwen2_vl.make_tower_forward(original, state) if qwen else original
+        handle._replace(tower, name, _guard_tower(state, streamed, original))
+        for i, layer in enumerate(layers):
+            name = _forward_attribute(layer)
+            original = getattr(layer, name)
+            if qwen:
+                forward = _unless_passthrough(state, qwen2_vl.make_block_forward(layer, i, state, graphs), original)
+            else:
+                returns_tuple = "output_attentions" in inspect.signature(original).parameters  # 4.x layers
+                ops = HFViTLayerOps(layer, PREFIX_TOKENS[kind])
+                graph_key = _weights_key(layer) if graphs is not None else ()
+                forward = _make_forward(ops, i, state, graphs, graph_key, returns_tuple, original)
+            handle._replace(layer, name, forward)
+    except BaseException:  # never leave a half-patched model behind
+        handle.detach()
+        raise
     handle._install()
     return handle
 
@@ -223,6 +307,7 @@ def attach_batched_attention(model: nn.Module) -> PatchHandle:
     the cacher afterwards replaces it (one patch per tower at a time). CLIP and SigLIP towers
     already batch their attention and are refused.
     """
+    _require_module(model, "attach_batched_attention")
     tower, layers, kind = find_vision_layers(model)
     if kind != qwen2_vl.BLOCK_CLASS:
         raise UnsupportedModelError(
@@ -249,6 +334,7 @@ def _forward_attribute(module: nn.Module) -> str:
 
 def detach_cacher(model: nn.Module) -> nn.Module:
     """Undo ``attach_cacher`` on the tower in ``model``; a no-op when it is not patched."""
+    _require_module(model, "detach_cacher")
     tower, _, _ = find_vision_layers(model)
     handle = tower.__dict__.get(HANDLE_ATTRIBUTE)
     if handle is not None:

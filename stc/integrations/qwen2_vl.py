@@ -123,8 +123,9 @@ def _block_ops(block: nn.Module, shape: CallShape | CacherState, hidden_states: 
     """The block's ops for this call and its flat input viewed as (groups, n, C)."""
     if position_embeddings is None:
         if rotary_pos_emb is None:
-            raise STCError("Qwen2-VL block called without rotary embeddings; unsupported transformers version")
-        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # what 4.4x towers compute
+            raise STCError("Qwen2-VL block called without rotary embeddings: this transformers version is not "
+                           "supported; install transformers>=4.46,<5.25")
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # older 4.x pass the angles; the block made cos/sin
         position_embeddings = (emb.cos(), emb.sin())
     groups, tokens = shape.call_shape
     cos, sin = position_embeddings                                              # (groups*n, hd)
@@ -133,7 +134,7 @@ def _block_ops(block: nn.Module, shape: CallShape | CacherState, hidden_states: 
 
 
 def make_block_forward(block: nn.Module, layer_index: int, state: CacherState, graphs):
-    """The streaming forward of one vision block (transformers 4.45 to 5.x signatures)."""
+    """The streaming forward of one vision block (transformers 4.46 to 5.24 signatures)."""
 
     def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, rotary_pos_emb=None,
                 position_embeddings=None, **kwargs):
@@ -141,7 +142,7 @@ def make_block_forward(block: nn.Module, layer_index: int, state: CacherState, g
         return cached_layer_forward(ops, x, layer_index, state, graphs).reshape(hidden_states.shape)
 
     forward.__doc__ = f"""STC-Cacher forward of Qwen2-VL vision block {layer_index}, mirroring
-    ``Qwen2VLVisionBlock.forward`` (transformers 4.45 to 5.x).
+    ``Qwen2VLVisionBlock.forward`` (transformers 4.46 to 5.24).
 
     Modifications:
     - temporal groups are streamed like frames: refresh groups run the full forward and store
@@ -163,6 +164,6 @@ def make_batched_block_forward(block: nn.Module, shape: CallShape):
         return y.reshape(hidden_states.shape)
 
     forward.__doc__ = """Batched forward of a Qwen2-VL vision block, mirroring ``Qwen2VLVisionBlock.forward``
-    (transformers 4.45 to 5.x): the same math, with q/k/v from slices of the fused qkv weight and
+    (transformers 4.46 to 5.24): the same math, with q/k/v from slices of the fused qkv weight and
     one ``F.scaled_dot_product_attention`` over all temporal groups of the call."""
     return forward

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from stc.config import PrunerConfig
+from stc.errors import StreamStateError
 from stc.pruner.scoring import dual_anchor_scores, gaussian_scores, keep_indices, low_variance_channels
 
 
@@ -44,12 +45,24 @@ class STCPruner:
         scored and added to the history as if it came alone (ReKV + STC stream one frame per
         call); by default all T frames are one call.
         """
-        if features.dim() != 3:
-            raise ValueError(f"features must be (frames, tokens, channels), got shape {tuple(features.shape)}")
-        frames = features.shape[0]
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor of shape (frames, tokens, channels), got {type(features).__name__}")
+        if features.dim() != 3 or 0 in features.shape:
+            raise ValueError(
+                f"features must be (frames, tokens, channels) with at least one frame, token and channel, "
+                f"got shape {tuple(features.shape)}"
+            )
+        frames, _, channels = features.shape
+        if self._mean_sum is not None and channels != self._mean_sum.shape[0]:
+            raise StreamStateError(
+                f"features now have {channels} channels but this stream started with {self._mean_sum.shape[0]}: "
+                "call pruner.reset() before feeding another model's features"
+            )
+        # bool is an int: frames_per_call=True must not pass as 1.
+        if frames_per_call is not None and (not isinstance(frames_per_call, int) or isinstance(frames_per_call, bool)
+                                            or frames_per_call < 1):
+            raise ValueError(f"frames_per_call={frames_per_call!r} must be an integer >= 1 (or None: all frames are one call)")
         step = frames if frames_per_call is None else frames_per_call
-        if not isinstance(step, int) or step < 1:
-            raise ValueError(f"frames_per_call={frames_per_call!r} must be an integer >= 1")
         parts = [self._compress_call(features[i : i + step]) for i in range(0, frames, step)]
         if len(parts) == 1:
             return parts[0]

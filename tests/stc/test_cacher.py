@@ -12,6 +12,8 @@ import stc
 from stc import CacherConfig
 from tests.conftest import build_tiny_tower, moving_clip, noisy_clip
 
+pytestmark = pytest.mark.tier1
+
 TOL = 1e-5
 
 
@@ -142,6 +144,7 @@ def test_attaching_twice_replaces_the_first_patch(tower, frames):
 def test_attach_finds_the_tower_inside_a_larger_model(frames):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
+    from stc_bench.frameworks.transformers_compat import llava_onevision_parts
     from tests.conftest import TINY_VIT
 
     config = LlavaOnevisionConfig(
@@ -150,7 +153,7 @@ def test_attach_finds_the_tower_inside_a_larger_model(frames):
                                 num_key_value_heads=2, vocab_size=64).to_dict(),
     )
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    vision = model.model.vision_tower
+    vision = llava_onevision_parts(model)[0]
     baseline = encode(vision, frames)
     with stc.cacher_attached(model, CacherConfig(update_ratio=1.0, cache_interval=1)) as handle:
         assert handle.tower is vision
@@ -372,3 +375,140 @@ def test_replay_from_no_grad_of_buffers_made_in_inference_mode():
     with torch.inference_mode():
         y, _ = graphs._replay(captured, [x + 1, index])
     assert torch.equal(y, 2 * (x + 1)) and graphs.stats.replays == 2
+
+
+class _Fault(Exception):
+    pass
+
+
+def _raise_fault(*args, **kwargs):
+    raise _Fault("injected")
+
+
+def _stream(tower, clip, calls, fail=None):
+    """Feed ``clip`` in the given (start, end) calls; ``fail`` = (call number, module) makes that
+    module raise during that call, which is then retried. Returns the outputs of the calls that
+    succeeded, and the handle's frame index right after the failure."""
+    outputs, after_failure = [], None
+    for number, (start, end) in enumerate(calls):
+        if fail is not None and number == fail[0]:
+            module = fail[1]
+            module.forward = _raise_fault
+            try:
+                with pytest.raises(_Fault):
+                    encode(tower, clip[start:end])
+            finally:
+                del module.forward
+            after_failure = tower_handle(tower).frame_index, len(tower_handle(tower).stats.calls)
+        outputs.append(encode(tower, clip[start:end]))
+    return torch.cat(outputs), after_failure
+
+
+def tower_handle(tower):
+    return stc.integrations.find_vision_layers(tower)[0]._stc_handle
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("where", ["layer 0", "layer 3", "layer 5", "post-norm"])
+def test_a_call_that_raises_part_way_is_rolled_back(kind, where):
+    """An error in layer 3 of 6 leaves layers 0-2 with the new refresh frame's references and
+    the frame counter advanced; the stream must forget the call, so a retry continues it
+    exactly as a stream that never failed."""
+    tower = build_tiny_tower(kind, num_hidden_layers=6)
+    layers = stc.integrations.find_vision_layers(tower)[1]
+    post_norm = next(m for name, m in tower.named_modules() if name.endswith("post_layernorm"))
+    module = post_norm if where == "post-norm" else layers[int(where[-1])].mlp
+    clip = noisy_clip(8, seed=3)
+    calls = [(0, 3), (3, 5), (5, 8)]  # the failing call holds a selective frame (3) and a refresh frame (4)
+    config = CacherConfig(update_ratio=0.25, cache_interval=2)
+    with stc.cacher_attached(tower, config):
+        clean, _ = _stream(tower, clip, calls)
+    with stc.cacher_attached(tower, config) as handle:
+        recovered, after_failure = _stream(tower, clip, calls, fail=(1, module))
+        assert after_failure == (3, 1)  # frame counter and statistics as before the failed call
+        assert [c.first_frame for c in handle.stats.calls] == [0, 3, 5]
+    assert torch.equal(recovered, clean)
+
+
+def test_layers_called_one_by_one_roll_back_a_call_that_stopped_part_way():
+    """Without the tower's guard (a caller running the encoder layers itself), the next call's
+    first layer finds the unfinished call and undoes it."""
+    tower = build_tiny_tower("siglip", num_hidden_layers=6)
+    layers = stc.integrations.find_vision_layers(tower)[1]
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 225, 32, generator=g) for _ in range(3)]
+
+    def run(x, stop_at=None):
+        for i, layer in enumerate(layers):
+            if i == stop_at:
+                raise _Fault("stopped")
+            x = layer(x)
+            x = x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return a tuple
+        return x
+
+    with torch.inference_mode():
+        with stc.cacher_attached(tower, CacherConfig(update_ratio=0.25)):
+            clean = [run(x) for x in hidden]
+        with stc.cacher_attached(tower, CacherConfig(update_ratio=0.25)) as handle:
+            first = run(hidden[0])
+            with pytest.raises(_Fault):
+                run(hidden[1], stop_at=3)
+            recovered = [first, run(hidden[1]), run(hidden[2])]
+            assert handle.frame_index == 6 and len(handle.stats.calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(recovered, clean))
+
+
+def test_a_layer_called_without_layer_0_says_what_to_do():
+    tower = build_tiny_tower("siglip")
+    layer = stc.integrations.find_vision_layers(tower)[1][1]
+    with stc.cacher_attached(tower, CacherConfig()), pytest.raises(stc.StreamStateError) as err:
+        layer(torch.randn(1, 225, 32))
+    assert str(err.value) == ("layer 1 of a patched tower ran outside a call that started at layer 0: "
+                              "call the tower, or its layers in order from layer 0")
+
+
+@pytest.mark.parametrize("model", [None, "tower", 3])
+@pytest.mark.parametrize("call", ["attach_cacher", "detach_cacher", "cacher_attached", "find_vision_layers"])
+def test_a_model_that_is_not_a_module_is_a_type_error_naming_what_to_pass(model, call):
+    got = "None" if model is None else type(model).__name__
+    with pytest.raises(TypeError) as err:
+        if call == "cacher_attached":
+            with stc.cacher_attached(model):
+                pass
+        else:
+            getattr(stc.integrations, call)(model)
+    assert isinstance(err.value, stc.UnsupportedModelError)
+    name = "attach_cacher" if call == "cacher_attached" else call
+    assert str(err.value) == (
+        f"{name} needs the torch.nn.Module that holds the vision tower (a CLIPVisionModel, a SiglipVisionModel, "
+        "a Qwen2-VL vision tower, or a model holding one, such as LlavaOnevisionForConditionalGeneration); "
+        f"got {got}"
+    )
+
+
+@pytest.mark.parametrize("config, got", [({"update_ratio": 0.5}, "dict"), (0.25, "float"), (stc.PrunerConfig(), "PrunerConfig")])
+def test_a_config_of_the_wrong_type_is_refused(tower, config, got):
+    with pytest.raises(TypeError) as err:
+        stc.attach_cacher(tower, config)
+    assert str(err.value) == f"config must be a stc.CacherConfig (or None for the defaults), got {got}"
+    assert not hasattr(tower, "_stc_handle")
+
+
+def test_an_attach_that_fails_part_way_leaves_nothing_patched(monkeypatch):
+    from stc.integrations import hf_vit
+
+    tower = build_tiny_tower("siglip")
+    before = {name: dict(m.__dict__) for name, m in tower.named_modules()}
+    built = []
+
+    class FailingOps(hf_vit.HFViTLayerOps):  # the second layer lacks what the cacher needs
+        def __init__(self, layer, prefix_tokens):
+            built.append(layer)
+            if len(built) == 2:
+                raise AttributeError("'SiglipAttention' object has no attribute 'scale'")
+            super().__init__(layer, prefix_tokens)
+
+    monkeypatch.setattr(hf_vit, "HFViTLayerOps", FailingOps)
+    with pytest.raises(AttributeError, match="no attribute 'scale'"):
+        stc.attach_cacher(tower)
+    assert {name: dict(m.__dict__) for name, m in tower.named_modules()} == before

@@ -5,8 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import stc
 from stc import PrunerConfig, STCPruner
 from stc.pruner.scoring import low_variance_channels
+
+pytestmark = pytest.mark.tier1
 
 
 def features(frames=4, tokens=12, channels=8, seed=0):
@@ -109,10 +112,44 @@ def test_dual_anchor_scores_against_a_hand_computed_example():
     assert out.indices.tolist() == [expected] == [[1]]
 
 
-def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="features must be \\(frames, tokens, channels\\), got shape \\(4, 8\\)"):
-        STCPruner().compress(torch.zeros(4, 8))
-    with pytest.raises(ValueError, match="frames_per_call=0 must be an integer >= 1"):
-        STCPruner().compress(torch.zeros(1, 4, 8), frames_per_call=0)
-    with pytest.raises(TypeError, match="config must be a stc.PrunerConfig"):
-        STCPruner({"tokens_per_frame": 4})
+SHAPE = "features must be (frames, tokens, channels) with at least one frame, token and channel, got shape {}"
+
+
+@pytest.mark.parametrize(
+    "features, frames_per_call, error, message",
+    [
+        (torch.zeros(4, 8), None, ValueError, SHAPE.format("(4, 8)")),
+        (torch.zeros(0, 4, 8), None, ValueError, SHAPE.format("(0, 4, 8)")),
+        (torch.zeros(0, 4, 8), 2, ValueError, SHAPE.format("(0, 4, 8)")),  # the frames, not frames_per_call
+        (torch.zeros(2, 0, 8), None, ValueError, SHAPE.format("(2, 0, 8)")),
+        (torch.zeros(2, 4, 0), None, ValueError, SHAPE.format("(2, 4, 0)")),
+        ([[[0.0]]], None, TypeError, "features must be a torch.Tensor of shape (frames, tokens, channels), got list"),
+        (torch.zeros(1, 4, 8), 0, ValueError, "frames_per_call=0 must be an integer >= 1 (or None: all frames are one call)"),
+        (torch.zeros(1, 4, 8), True, ValueError, "frames_per_call=True must be an integer >= 1 (or None: all frames are one call)"),
+        (torch.zeros(1, 4, 8), 1.0, ValueError, "frames_per_call=1.0 must be an integer >= 1 (or None: all frames are one call)"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message_naming_it(features, frames_per_call, error, message):
+    pruner = STCPruner()
+    with pytest.raises(error) as err:
+        pruner.compress(features, frames_per_call)
+    assert str(err.value) == message
+    assert pruner.calls == 0
+
+
+@pytest.mark.parametrize("config, got", [({"tokens_per_frame": 4}, "dict"), (64, "int")])
+def test_a_config_of_the_wrong_type_is_refused(config, got):
+    with pytest.raises(TypeError) as err:
+        STCPruner(config)
+    assert str(err.value) == f"config must be a stc.PrunerConfig, got {got}"
+
+
+def test_features_of_another_width_mid_stream_ask_for_a_reset():
+    pruner = STCPruner(PrunerConfig(tokens_per_frame=2))
+    pruner.compress(features(channels=8))
+    with pytest.raises(stc.StreamStateError) as err:
+        pruner.compress(features(channels=6))
+    assert str(err.value) == ("features now have 6 channels but this stream started with 8: "
+                              "call pruner.reset() before feeding another model's features")
+    pruner.reset()
+    assert pruner.compress(features(channels=6)).tokens.shape == (4, 2, 6)
