@@ -100,8 +100,8 @@ def patchify(frames: torch.Tensor, patch: int, temporal_patch: int = 2, merge: i
 def precomputed_vision_inputs(grid: torch.Tensor, merge: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Rotary position ids (on ``device``) and attention boundaries of a call, computed before the
     timed span: the tower otherwise derives them from ``grid_thw`` with host loops and, on a GPU,
-    a host-to-device copy inside the span. transformers accepts them precomputed from 5.x on
-    (``transformers.vision_utils``); older versions compute them inside the tower.
+    a host-to-device copy inside the span. Later transformers 5.x accept them precomputed
+    (``transformers_compat.vision_input_helpers``); older versions compute them inside the tower.
 
     They depend on the grid alone, so each grid's are made once per process: a host-to-device
     copy of pageable memory would otherwise synchronise the stream before every step's span.
@@ -112,12 +112,14 @@ def precomputed_vision_inputs(grid: torch.Tensor, merge: int, device: torch.devi
 
 @functools.lru_cache(maxsize=64)
 def _vision_inputs(grid: tuple[tuple[int, ...], ...], merge: int, device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
-    try:
-        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-    except ImportError:
+    from stc_bench.frameworks.transformers_compat import vision_input_helpers
+
+    helpers = vision_input_helpers()
+    if helpers is None:
         return ()
+    get_position_ids, get_cu_seqlens = helpers
     grid_thw = torch.tensor(grid)
-    return (("position_ids", get_vision_position_ids(grid_thw, merge).to(device)), ("cu_seqlens", get_vision_cu_seqlens(grid_thw)))
+    return (("position_ids", get_position_ids(grid_thw, merge).to(device)), ("cu_seqlens", get_cu_seqlens(grid_thw)))
 
 
 def build_vision_tower(shape: QwenVisionShape, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -184,6 +186,8 @@ class LiveCCPipeline:
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
         """One video: per step the tower on the new frames, then their pre-fill with the turn text."""
+        from stc_bench.frameworks.transformers_compat import qwen2_vision_forward
+
         v = self.shape.vision
         cache = self.llm.new_cache()
         features, vit_tokens, steps = [], 0, []
@@ -195,15 +199,15 @@ class LiveCCPipeline:
                 pixels, grid = patchify(clip[start:end], v.patch_size, v.temporal_patch, v.merge)
                 precomputed = precomputed_vision_inputs(grid, v.merge, pixels.device)
                 with timer.span("vit", step):
-                    out = self.vision_tower(pixels, grid, **precomputed)
-                    visual = out.pooler_output                                              # (groups*m, C)
+                    visual, hidden = qwen2_vision_forward(self.vision_tower, pixels, grid, **precomputed)
+                    # visual: merged tokens (groups*m, C); hidden: the last block's output (groups*n, d)
                 with timer.span("prefill", step):
                     embeds = torch.cat([self.llm.embed(self._turn_ids)[0], visual]).unsqueeze(0)  # (1, L, C)
                     self.llm.forward_embeds(embeds, cache)
-                vit_tokens += out.last_hidden_state.shape[0]
+                vit_tokens += hidden.shape[0]
                 steps.append(embeds.shape[1])
                 if capture:
-                    features.append(out.last_hidden_state.view(-1, v.tokens, v.width))
+                    features.append(hidden.view(-1, v.tokens, v.width))
         stats = method.cacher_stats
         return StreamOutput(
             tokens={"vit": vit_tokens, "prefill": sum(steps)},

@@ -121,9 +121,12 @@ class CausalLM:
     """A decoder (``Qwen2Model``-like: ``inputs_embeds`` in, hidden states out) and its LM head."""
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, shape: LLMShape):
+        from stc_bench.frameworks.transformers_compat import cache_keyword
+
         self.decoder = decoder
         self.lm_head = lm_head
         self.shape = shape
+        self._cache_keyword = cache_keyword(decoder)   # "cache", or "past_key_values" before it existed
 
     @classmethod
     def random(cls, shape: LLMShape, device: torch.device, dtype: torch.dtype, seed: int) -> CausalLM:
@@ -150,7 +153,8 @@ class CausalLM:
 
     def forward_embeds(self, embeds: torch.Tensor, cache=None) -> torch.Tensor:
         """Pre-fill embeddings (1, L, C), appending to ``cache`` when given; hidden states (1, L, C)."""
-        return self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        cache_kwarg = {self._cache_keyword: cache}
+        return self.decoder(inputs_embeds=embeds, use_cache=cache is not None, **cache_kwarg).last_hidden_state
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (1, L) -> embeddings (1, L, C)."""

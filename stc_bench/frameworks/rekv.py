@@ -62,7 +62,7 @@ def llava_onevision_config(shape: TowerLLMShape):
 def pool_2x2_bilinear(features: torch.Tensor, grid: int) -> torch.Tensor:
     """LLaVA-OneVision's video pooling: (T, grid^2, C) -> (T, ceil(grid/2)^2, C), bilinear.
 
-    Mirrors ``LlavaOnevisionModel.apply_pooling`` (transformers 4.45 to 5.x).
+    Mirrors ``LlavaOnevisionModel.apply_pooling`` (transformers 4.46 to 5.24).
     """
     frames, _, channels = features.shape
     x = features.view(frames, grid, grid, channels).permute(0, 3, 1, 2)              # (T, C, g, g)
@@ -191,13 +191,15 @@ def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, c
 def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: int) -> RekvPipeline:
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    from stc_bench.frameworks.transformers_compat import from_pretrained_dtype, llava_onevision_parts
+
     raw = read_checkpoint_config(path, ("llava_onevision",))
     if raw.get("vision_feature_layer", -1) != -1:
         raise CheckpointError(f"--checkpoint {path}: vision_feature_layer {raw['vision_feature_layer']} is not -1; "
                               "only LLaVA-OneVision checkpoints with 26-layer towers read at layer -1 are supported")
     # Straight onto the device in the compute dtype: a 7B checkpoint never sits in host RAM whole.
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, device_map={"": device}, local_files_only=True, use_safetensors=True
+        path, device_map={"": device}, local_files_only=True, use_safetensors=True, **from_pretrained_dtype(dtype)
     ).eval()
     vc, tc = model.config.vision_config, model.config.text_config
     shape = TowerLLMShape(
@@ -206,9 +208,8 @@ def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: 
         LLMShape(width=tc.hidden_size, mlp_width=tc.intermediate_size, layers=tc.num_hidden_layers,
                  heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads, vocab=tc.vocab_size),
     )
-    inner = model.model
-    llm = CausalLM(inner.language_model, model.lm_head, shape.llm)
-    return RekvPipeline("checkpoint", shape, inner.vision_tower, inner.multi_modal_projector, llm, seed)
+    vision_tower, projector, decoder, lm_head = llava_onevision_parts(model)
+    return RekvPipeline("checkpoint", shape, vision_tower, projector, CausalLM(decoder, lm_head, shape.llm), seed)
 
 
 FRAMEWORK = FrameworkSpec(

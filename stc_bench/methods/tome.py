@@ -229,7 +229,7 @@ def tome_layer_forward(layer: nn.Module, x: torch.Tensor, merges: int, size: tor
     Returns the layer output (B, n - r, C) and its sizes (B, n - r), r = ``min(merges,
     max_merges(n, class_token))``; when r is 0 nothing is merged or reordered and ``size`` is
     returned as given. Mirrors ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward``
-    (transformers 4.45 to 5.x) through the layer's own ``layer_norm1``, ``self_attn.{q,k,v,out}_proj``,
+    (transformers 4.46 to 5.24) through the layer's own ``layer_norm1``, ``self_attn.{q,k,v,out}_proj``,
     ``layer_norm2`` and ``mlp``, as ToMe's ``ToMeBlock`` / ``ToMeAttention`` do for timm.
 
     Modifications:
@@ -287,7 +287,7 @@ def _make_forward(layer: nn.Module, index: int, state: ToMeState, returns_tuple:
         return (y,) if returns_tuple else y   # transformers 4.x layers return a tuple, 5.x a tensor
 
     forward.__doc__ = f"""ToMe forward of encoder layer {index} (r = {merges}): ``tome_layer_forward`` in place
-    of ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward`` (transformers 4.45 to 5.x).
+    of ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward`` (transformers 4.46 to 5.24).
 
     Modifications: see ``tome_layer_forward``; also, attention masks and ``output_attentions``
     are refused, and layer 0 starts a new call (all sizes one) on the shared ``ToMeState``.

@@ -123,7 +123,9 @@ def test_tome_macs_fall_with_the_merged_tokens():
 
 def test_visionzip_restores_the_selection_layer_after_the_stream():
     pipeline, _ = stream_tokens("rekv", get_method("visionzip").arm())
-    assert all("forward" not in layer.__dict__ for layer in pipeline.vision_tower.modules())
+    # transformers 4.5x's output capture leaves the class's own forward, bound, in an instance dict
+    installed = [m.__dict__["forward"] for m in pipeline.vision_tower.modules() if "forward" in m.__dict__]
+    assert all(getattr(f, "__func__", None) is type(f.__self__).forward for f in installed)
 
 
 def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, cli, tmp_path):

@@ -44,13 +44,16 @@ def test_full_scale_is_the_exact_llava_onevision_7b():
     assert llm == pytest.approx(7.6e9, rel=0.02)
 
 
+@pytest.mark.tier1
 def test_pooling_matches_transformers_apply_pooling():
     from transformers import LlavaOnevisionConfig, SiglipVisionConfig
-    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+    from transformers.models.llava_onevision import modeling_llava_onevision as modeling
 
+    # apply_pooling lives on LlavaOnevisionModel from transformers 4.52, on the generation model before.
+    owner = getattr(modeling, "LlavaOnevisionModel", modeling.LlavaOnevisionForConditionalGeneration)
     config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(image_size=54, patch_size=2).to_dict())
     features = torch.randn(3, 729, 8)
-    expected = LlavaOnevisionModel.apply_pooling(type("M", (), {"config": config})(), features)
+    expected = owner.apply_pooling(type("M", (), {"config": config})(), features)
     assert torch.equal(pool_2x2_bilinear(features, 27), expected)
 
 

@@ -1,5 +1,6 @@
 """ToMe inside a HuggingFace CLIP/SigLIP tower: exactness, token counts, attach/detach, refusals, MACs."""
 
+import inspect
 import types
 
 import pytest
@@ -30,9 +31,24 @@ def snapshot(model):
 
 
 def unpatched(layer, x):
-    """The layer's own class forward (transformers' code), whatever is patched on the instance."""
-    out = type(layer).forward(layer, x, None)
+    """The layer's own class forward (transformers' code), whatever is patched on the instance,
+    with None for every mask it requires (4.x CLIP layers also take a causal mask)."""
+    params = list(inspect.signature(type(layer).forward).parameters.values())[2:]   # after self, hidden_states
+    masks = [None for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    out = type(layer).forward(layer, x, *masks)
     return out[0] if isinstance(out, tuple) else out
+
+
+def layer_names(tower):
+    """The module names of the tower's encoder layers, in order."""
+    layers = {id(layer) for layer in find_vision_layers(tower)[1]}
+    return [name for name, module in tower.named_modules() if id(module) in layers]
+
+
+def vision_transformer(tower):
+    """The module holding the tower's encoder and post-layernorm: the tower itself in transformers
+    5.x, its ``vision_model`` in 4.x."""
+    return getattr(tower, "vision_model", tower)
 
 
 @pytest.fixture(params=["clip", "siglip"])
@@ -85,7 +101,7 @@ def test_token_counts_sizes_and_cls_follow_the_schedule(kind, use_head):
         # it is never merged, stays first, and the pooler reads it.
         assert (out.hidden_states[1][:, 0] - baseline.hidden_states[1][:, 0]).abs().max() <= TOL
         assert torch.equal(handle.sizes[:, 0], torch.ones(3))
-        assert torch.allclose(out.pooler_output, tower.post_layernorm(out.last_hidden_state[:, 0]))
+        assert torch.allclose(out.pooler_output, vision_transformer(tower).post_layernorm(out.last_hidden_state[:, 0]))
     elif use_head:
         assert out.pooler_output.shape == (3, 32) and torch.isfinite(out.pooler_output).all()
     else:
@@ -111,9 +127,10 @@ def test_a_duplicated_token_is_merged_and_the_next_layer_sees_it_counted_twice(k
     torch.manual_seed(1)
     x = torch.randn(2, 8, 32)
     x[:, 3] = x[:, 2]
-    reference = tower.encoder(inputs_embeds=x).last_hidden_state                    # (2, 8, 32)
+    encoder = vision_transformer(tower).encoder
+    reference = encoder(inputs_embeds=x).last_hidden_state                          # (2, 8, 32)
     with tome_attached(tower, [1, 0]) as handle:
-        merged = tower.encoder(inputs_embeds=x).last_hidden_state                   # (2, 7, 32)
+        merged = encoder(inputs_embeds=x).last_hidden_state                         # (2, 7, 32)
         assert handle.token_counts == (8, 7, 7)
         assert handle.sizes.tolist() == [[1, 1, 1, 1, 2, 1, 1]] * 2
     order = [0, 4, 6, 1, 3, 5, 7]                     # kept A tokens (0, 4, 6), then all B tokens
@@ -205,20 +222,25 @@ def test_refusals_leave_the_tower_untouched():
 def test_errors_inside_the_block_restore_the_tower(kind):
     tower = build_tiny_tower(kind)
     frames = moving_clip(2)
-    baseline = tower(frames, output_attentions=True).last_hidden_state   # transformers installs its capture hooks once
+    tower(frames, output_attentions=True)   # transformers installs its capture hooks once
+    baseline = tower(frames).last_hidden_state   # (4.x computes attention weights with another kernel)
     before = snapshot(tower)
     with pytest.raises(RuntimeError, match="boom"):
         with tome_attached(tower, [10, 10]):
             tower(frames)
             raise RuntimeError("boom")
     assert snapshot(tower) == before
-    layer = find_vision_layers(tower)[1][0]
+    layers = find_vision_layers(tower)[1]
     with tome_attached(tower, [10, 10]):
         with pytest.raises(ToMePatchError, match="attention mask"):
-            layer(torch.randn(1, 4, 32), torch.zeros(1, 1, 4, 4))
+            layers[0](torch.randn(1, 4, 32), torch.zeros(1, 1, 4, 4))
+    assert snapshot(tower) == before
+    assert torch.equal(tower(frames).last_hidden_state, baseline)
+    with tome_attached(tower, [10, 10]):
         with pytest.raises(ToMePatchError, match="output_attentions"):
             tower(frames, output_attentions=True)
-    assert snapshot(tower) == before
+    # Only the layers: transformers 4.57 leaves its own output-capture wrappers on modules when a call raises.
+    assert [dict(layer.__dict__) for layer in layers] == [before[name] for name in layer_names(tower)]
     assert torch.equal(tower(frames).last_hidden_state, baseline)
 
 
@@ -231,10 +253,11 @@ def test_accelerate_hooked_layers_get_old_forward_wrapped_and_restored():
         layer._hf_hook = object()
         layer._old_forward = layer.forward
         layer.forward = types.MethodType(lambda self, *a, **k: self._old_forward(*a, **k), layer)
+    hooked = [layer.forward for layer in layers]
     before = snapshot(tower)
     baseline = tower(frames).last_hidden_state
     with tome_attached(tower, [20, 20]):
-        assert all(layer.forward is before[f"encoder.layers.{i}"]["forward"] for i, layer in enumerate(layers))
+        assert all(layer.forward is forward for layer, forward in zip(layers, hooked))
         assert tower(frames).last_hidden_state.shape == (2, 185, 32)
     assert snapshot(tower) == before
     assert torch.equal(tower(frames).last_hidden_state, baseline)
