@@ -1,44 +1,43 @@
 """``stc-bench``: measure what STC saves on streaming VideoLLMs, on this machine.
 
 Commands are thin: they build a ``BenchConfig`` and hand it to the runner. Nothing heavy is
-imported at module import time, so ``stc-bench --help`` is instant.
+imported at module import time, so ``stc-bench --help`` is instant. Whatever goes wrong ends in
+one ``error:`` line naming the fix (``stc_bench.console``): exit 2 for a usage error, 1 for a
+fault (with what was kept and how to go on), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import inspect
 import logging
-import sys
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from stc_bench.config import DTYPES, METRICS, SCALES, SELECTIONS, BenchConfig
+from stc_bench.console import INTERRUPTED, RUN_FAILED, USAGE_ERROR, Commands, console, err_console, fail, one_line, plain
 from stc_bench.frameworks import FRAMEWORK_HELP
 from stc_bench.methods import METHOD_HELP
 
 app = typer.Typer(
     name="stc-bench",
+    cls=Commands,
     help="Measure how much STC (Streaming Token Compression) cuts ViT-encoding and LLM pre-fill latency "
          "of streaming VideoLLMs against the baseline, on this machine's GPU or CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(width=None if sys.stdout.isatty() else 240)  # plain output (files, CI logs): one line per row
-err_console = Console(stderr=True)
-
-USAGE_ERROR = 2
-RUN_FAILED = 1
 
 
-def fail(message: str, code: int = USAGE_ERROR) -> typer.Exit:
-    """Print a one-line error naming the fix; the caller raises the returned Exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+LIST_EXAMPLES = {"--frames": "16", "--ratio": "0.25", "--interval": "2", "--tokens-per-frame": "64"}
+"""A valid value of each list option, for its error messages."""
 
 
 def parse_list(values: list[str], kind: type, option: str) -> tuple:
@@ -53,7 +52,7 @@ def parse_list(values: list[str], kind: type, option: str) -> tuple:
                 out.append(kind(item))
             except ValueError:
                 noun = "whole number" if kind is int else "number"
-                raise fail(f"{option} {item!r}: not a {noun}; e.g. {option} 16") from None
+                raise fail(f"{option} {item!r}: not a {noun}; e.g. {option} {LIST_EXAMPLES.get(option, '16')}") from None
     return tuple(out)
 
 
@@ -140,34 +139,105 @@ def _framework_command(framework: str):
     command.__signature__ = _signature([], {}, [])
     command.__doc__ = f"Benchmark {framework}: the baseline and every arm (--arms), interleaved, with a report folder."
     return command
-def run_and_report(config: BenchConfig, resume_folder: Path | None = None) -> Path:
-    """Run ``config`` with a progress bar, saving the run folder as samples arrive, then print
-    the table. With ``resume_folder``, continue the partial run saved there."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _utc_stamp() -> str:
+    """The run folder's time stamp, e.g. 20261124T031510Z."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
+
+def run_and_report(config: BenchConfig) -> Path:
+    """Run ``config`` into a new run folder ``<--out>/<UTC time>_<framework>_<device>`` (suffixed
+    ``-2``, ``-3``... when two runs start in the same second), then print the table. A start that
+    fails before anything is measured leaves no folder behind."""
     from stc_bench.device import resolve_device
     from stc_bench.errors import BenchUsageError
-    from stc_bench.report import write_report
-    from stc_bench.report.terminal import render_tables
     from stc_bench.run_folder import RunFolder
-    from stc_bench.runner import BenchmarkInterrupted, run_benchmark
 
     _setup_logging()
     try:
         device = resolve_device(config.device)
     except BenchUsageError as err:
         raise fail(str(err)) from None
-    resume = None
-    if resume_folder is not None:
-        folder = resume_folder
-        resume = RunFolder(folder).load_result()
-    else:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        folder = Path(config.out) / f"{stamp}_{config.framework}_{device.label}"
-        try:
-            folder.mkdir(parents=True, exist_ok=False)
-        except OSError as err:
-            raise fail(f"--out {config.out}: cannot create {folder} ({err.strerror}); pass a writable --out") from None
+    folder, root = None, Path(config.out)
+    made_root = not root.exists()
+    try:
+        folder = RunFolder.create(root, f"{_utc_stamp()}_{config.framework}_{device.label}")
+        with folder.locked():
+            _measure_and_report(config, folder, created=True)
+    except OSError as err:
+        if folder is None:
+            raise fail(f"--out {config.out}: cannot create a run folder there ({err.strerror or err}); pass a writable --out") from None
+        raise _disk_fault(err, folder, created=True) from None
+    finally:
+        if folder is not None and not folder.holds_anything():
+            folder.discard()  # a start that failed (usage error, Ctrl-C, full disk) leaves no empty run folder
+            if made_root:
+                with contextlib.suppress(OSError):
+                    root.rmdir()  # nor the --out folder it made for it
+    return folder.path
+
+
+def resume_and_report(resume: Path, framework: str | None, retry_failed: bool) -> Path:
+    """Continue the run saved in ``resume`` (a run folder, or a file inside one) with its own
+    settings: checked first (the framework asked for, something left to measure), under the
+    folder's lock, so a second resume of a folder in use is refused."""
+    from stc_bench.errors import BenchUsageError
+    from stc_bench.run_folder import FolderBusy, RunFolder
+
+    _setup_logging()
+    path = resume.parent if resume.is_file() else resume
+    if not path.is_dir():
+        raise fail(f"--resume {resume}: no such folder; pass the run folder of an interrupted run, e.g. reports/<time>_<framework>_<device>")
+    folder = RunFolder(path)
+    if not folder.results_path.is_file():
+        raise fail(f"--resume {resume}: no results.json here; pass the run folder of an interrupted run (the folder "
+                   "that holds its results.json)")
+    try:
+        with folder.locked():
+            try:
+                saved = folder.load_result()
+            except BenchUsageError as err:
+                raise fail(str(err)) from None
+            if framework is not None and framework != saved.config.framework:
+                raise fail(f"sweep {framework} --resume {path}: that folder holds a {saved.config.framework} run, not "
+                           f"{framework}; run stc-bench sweep --resume {path} (it continues with the saved settings)")
+            finished, failed = set(saved.frame_counts), saved.failed_frames
+            left = [f for f in saved.config.frames if f not in finished and (retry_failed or f not in failed)]
+            if not left:
+                if failed and not retry_failed:
+                    raise fail(f"--resume {path}: nothing left to measure but --frames {','.join(map(str, sorted(failed)))}, which "
+                               f"failed ({one_line(next(iter(failed.values())))}); add --retry-failed to measure it again")
+                raise fail(f"--resume {path}: the run is complete, nothing to resume; start a new run to measure again")
+            _measure_and_report(saved.config, folder, created=False, resume=saved, retry_failed=retry_failed)
+    except FolderBusy as err:
+        raise fail(str(err)) from None
+    except OSError as err:
+        raise _disk_fault(err, folder, created=False) from None
+    return path
+
+
+def _resume_hint(folder, failed: bool = False) -> str:
+    return f"stc-bench sweep --resume {folder.path}" + (" --retry-failed" if failed else "")
+
+
+def _disk_fault(err: OSError, folder, created: bool) -> typer.Exit:
+    """One line for a write that failed mid-run (a full disk): what was kept and how to go on."""
+    what = f"cannot write {err.filename or folder.path} ({err.strerror or err})"
+    if created and not folder.holds_anything():
+        return fail(f"{what}; nothing was measured and no run folder was kept: free space (or pass another --out), then run again",
+                    RUN_FAILED)
+    return fail(f"{what}; what was measured is kept in {folder.path} (results are written whole or not at all): free space "
+                f"(or fix the folder's permissions), then continue with: {_resume_hint(folder)}", RUN_FAILED)
+
+
+def _measure_and_report(config: BenchConfig, folder, created: bool, resume=None, retry_failed: bool = False) -> None:
+    """Run with a progress bar, saving into ``folder`` as samples arrive; write the report and
+    print the table. Every way it can stop ends in one line: what was kept and how to go on."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stc_bench.errors import BenchUsageError
+    from stc_bench.report import write_report
+    from stc_bench.report.terminal import render_tables
+    from stc_bench.runner import BenchmarkInterrupted, run_benchmark
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
@@ -177,68 +247,77 @@ def run_and_report(config: BenchConfig, resume_folder: Path | None = None) -> Pa
             bar.update(task, description=description, completed=done, total=total)
 
         try:
-            result = run_benchmark(config, progress=progress, folder=RunFolder(folder), resume=resume)
+            result = run_benchmark(config, progress=progress, folder=folder, resume=resume, retry_failed=retry_failed)
         except BenchUsageError as err:
-            if resume is None:
-                _remove_run_folder(folder)
+            if created:
+                folder.discard()  # only this run's files: nothing was measured
             raise fail(str(err)) from None
+        except KeyboardInterrupt:
+            bar.stop()
+            raise _interrupted(folder, created) from None
         except BenchmarkInterrupted as stop:
             bar.stop()
-            write_report(stop.result, folder)
+            if stop.by_user and not folder.holds_anything():
+                raise _interrupted(folder, created) from None
+            try:
+                write_report(stop.result, folder.path)
+            except OSError:
+                pass  # results.json is saved; the report can be rendered later (stc-bench report)
             render_tables(stop.result, console)
-            raise fail(f"{stop}; what was measured is in {folder} (continue with: stc-bench sweep --resume {folder})",
-                       RUN_FAILED) from None
-    write_report(result, folder)
-    render_tables(result, console)
-    console.print(f"report: {folder / 'report.md'}", highlight=False)
-    return folder
-
-
-def _remove_run_folder(folder: Path) -> None:
-    """Remove a run folder that holds nothing measured (a usage error before the first round)."""
-    for name in ("results.json", "partial.json"):
-        (folder / name).unlink(missing_ok=True)
+            hint = _resume_hint(folder, failed=bool(stop.failed_frames) and not stop.by_user)
+            raise fail(f"{stop}; what was measured is in {folder.path} (continue with: {hint})", RUN_FAILED) from None
     try:
-        folder.rmdir()
-    except OSError:
-        pass
+        write_report(result, folder.path)
+    except OSError as err:
+        raise fail(f"cannot write the report into {folder.path} ({err.strerror or err}); the results are saved in "
+                   f"{folder.results_path}: free space, then run stc-bench report {folder.path}", RUN_FAILED) from None
+    render_tables(result, console)
+    console.print(f"report: {folder.path / 'report.md'}", highlight=False, markup=False, emoji=False)
+
+
+def _interrupted(folder, created: bool) -> typer.Exit:
+    """Ctrl-C before anything new was measured: no run folder kept (new run), or the folder as it was (resume)."""
+    if created:
+        folder.discard()
+        return fail("interrupted (Ctrl-C) before anything was measured; no run folder was kept", INTERRUPTED)
+    return fail(f"interrupted (Ctrl-C) before anything new was measured; {folder.path} keeps what it held "
+                f"(continue with: {_resume_hint(folder)})", INTERRUPTED)
 
 
 for _name, _help in FRAMEWORK_HELP.items():
     app.command(_name, help=_help)(_framework_command(_name))
 
 
-def sweep_command(framework: str = "rekv", resume: Path | None = None, **options) -> None:
+def sweep_command(framework: str | None = None, resume: Path | None = None, retry_failed: bool = False, **options) -> None:
     """Sweep knobs: every combination of --ratio, --interval and --tokens-per-frame (and every
     --arms method at each budget) at each --frames, against one baseline per frame count
     measured in the same interleaved rounds."""
     from stc_bench.frameworks import FRAMEWORK_MODULES
 
-    if framework not in FRAMEWORK_MODULES:
+    if framework is not None and framework not in FRAMEWORK_MODULES:
         raise fail(f"unknown framework {framework!r}: choose one of {', '.join(sorted(FRAMEWORK_MODULES))}")
     if resume is not None:
         defaults = {name: SWEEP_DEFAULTS.get(name, default) for name, _, default in RUN_OPTIONS}
         given = [k for k, v in options.items() if v != defaults[k]]
         if given:
             raise fail(f"--resume takes every setting from {resume}/results.json; drop --{'/--'.join(k.replace('_', '-') for k in given)}")
-        from stc_bench.errors import BenchUsageError
-        from stc_bench.run_folder import RunFolder
-
-        try:
-            saved = RunFolder(resume).load_result()
-        except BenchUsageError as err:
-            raise fail(str(err)) from None
-        run_and_report(saved.config, resume_folder=resume)
+        resume_and_report(resume, framework, retry_failed)
         return
-    run_and_report(build_config(framework, options))
+    if retry_failed:
+        raise fail("--retry-failed goes with --resume DIR: it re-measures the frame counts that failed in that run")
+    run_and_report(build_config(framework or "rekv", options))
 
 
 sweep_command.__signature__ = _signature(
-    [inspect.Parameter("framework", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="rekv",
-                       annotation=Annotated[str, typer.Argument(help="Framework to sweep (see stc-bench list).")])],
+    [inspect.Parameter("framework", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                       annotation=Annotated[Optional[str], typer.Argument(
+                           help="Framework to sweep (see stc-bench list); default rekv, or with --resume the saved one.",
+                           show_default=False)])],
     SWEEP_DEFAULTS,
     [inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
-                       annotation=Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder, with the settings saved in its results.json (give no other option).")])],
+                       annotation=Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this folder (or of this results.json), with the settings saved in its results.json (give no other option). Frame counts that failed (out of memory) are skipped unless --retry-failed.")]),
+     inspect.Parameter("retry_failed", inspect.Parameter.KEYWORD_ONLY, default=False,
+                       annotation=Annotated[bool, typer.Option("--retry-failed", help="With --resume: measure again the frame counts that failed in that run.")])],
 )
 app.command("sweep")(sweep_command)
 
@@ -253,9 +332,11 @@ def compare_command(
     expectations: Annotated[Optional[Path], typer.Option(help="JSON file of per-GPU reduction expectations (e.g. speed_benchmark/gpu_expectations.json): the entry for NEW's GPU model and framework adds its --expect-reduction gates; without an entry, none.")] = None,
     allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs from different devices, scales, dtypes, torch versions or driver major versions anyway.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the summary as Markdown here (e.g. $GITHUB_STEP_SUMMARY; appended).")] = None,
+    require_all: Annotated[bool, typer.Option("--require-all", help="Make a (frames, arm) pair of BASE that NEW did not measure a regression (by default it makes the verdict at least inconclusive).")] = False,
 ) -> None:
     """Compare NEW against BASE per stage, arm and point; exit 0 ok, 1 regression, 2 usage error
-    (or runs not comparable), 3 inconclusive (intervals too wide or too few samples)."""
+    (or runs not comparable), 3 inconclusive (intervals too wide, too few samples, or points of
+    BASE missing from NEW)."""
     from rich.table import Table
 
     from stc_bench.compare import (
@@ -282,48 +363,88 @@ def compare_command(
             expected, note = expected_reductions(expectations, new_run)
             reductions += expected
             warnings += [note] if note else []
-        checks = compare_runs(base_run, new_run, slowdowns, reductions, drops)
+        checks = compare_runs(base_run, new_run, slowdowns, reductions, drops, require_all=require_all)
     except BenchUsageError as err:
         raise fail(str(err)) from None
     verdict = overall(checks)
     table = Table("check", "numbers", "verdict", title=f"stc-bench compare: {verdict.value}", title_justify="left")
     colour = {"ok": "green", "regression": "red", "inconclusive": "yellow"}
     for c in checks:
-        table.add_row(c.subject, c.detail, f"[{colour[c.verdict.value]}]{c.verdict.value}[/]" + (f" ({c.reason})" if c.reason else ""))
+        table.add_row(plain(c.subject), plain(c.detail),
+                      Text(c.verdict.value, style=colour[c.verdict.value]) + Text(f" ({c.reason})" if c.reason else ""))
     for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(Text.assemble(("warning:", "yellow"), " ", w))
     console.print(table)
     if markdown is not None:
         try:
             with open(markdown, "a", encoding="utf-8") as f:
                 f.write(render_markdown(str(base), str(new), checks, warnings))
         except OSError as err:
-            raise fail(f"--markdown {markdown}: cannot write ({err.strerror})") from None
+            raise fail(f"--markdown {markdown}: cannot write ({err.strerror}); pass a writable file") from None
     raise typer.Exit(EXIT_CODES[verdict])
 
 
 @app.command("report")
 def report_command(
     results: Annotated[Path, typer.Argument(help="A results.json, or a run folder that holds one.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder to write into (default: the results file's folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write into (default: the results file's folder). A folder that holds another run's results.json is refused; a new one gets a copy of the results file.")] = None,
 ) -> None:
-    """Re-render a run folder (CSVs, Markdown, plots) and the terminal table from results.json alone."""
+    """Re-render a run folder (CSVs, Markdown, plots) and the terminal table from results.json
+    alone. The results file itself is never rewritten."""
     from stc_bench.errors import BenchUsageError
     from stc_bench.report import write_report
     from stc_bench.report.terminal import render_tables
-    from stc_bench.results import load_results
+    from stc_bench.results import load_results, results_file
+    from stc_bench.run_folder import FolderBusy, RunFolder
 
     try:
         result = load_results(results)
     except BenchUsageError as err:
         raise fail(str(err)) from None
-    folder = out or (results if results.is_dir() else results.parent)
+    source = results_file(results)
+    folder = out if out is not None else source.parent
+    target = folder / "results.json"
+    if target.exists() and not _same_results(source, target):
+        raise fail(f"--out {folder} holds another run's results.json; pass a new or empty folder to render {source} into, "
+                   f"or render that run with stc-bench report {folder}")
     try:
-        write_report(result, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with RunFolder(folder).locked():
+            write_report(result, folder, results=False)
+            if not target.exists():
+                _copy_atomically(source, target)  # the rendered folder is a run folder of its own
+    except FolderBusy as err:
+        raise fail(str(err)) from None
     except OSError as err:
-        raise fail(f"--out {folder}: cannot write ({err.strerror}); pass a writable --out") from None
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # a fault of the disk, not of the command line
+        raise fail(f"--out {folder}: cannot write ({err.strerror or err}); pass a writable --out with free space "
+                   f"(files already there are whole: each is replaced at once or not at all)", RUN_FAILED if full else USAGE_ERROR) from None
     render_tables(result, console)
-    console.print(f"report: {folder / 'report.md'}", highlight=False)
+    console.print(f"report: {folder / 'report.md'}", highlight=False, markup=False, emoji=False)
+
+
+def _same_results(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are one file, or hold the same bytes."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b) or a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Copy ``source`` byte for byte to ``target`` through a temp file and a rename."""
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".results-", suffix=".json")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @app.command("env")
@@ -337,7 +458,7 @@ def env_command() -> None:
 
     table = Table(show_header=False, box=None)
     for key, value in environment_rows(capture_environment(resolve_device("auto"))):
-        table.add_row(key, value)
+        table.add_row(plain(key), plain(value))  # paths and variables are shown as they are
     console.print(table)
 
 
@@ -371,7 +492,7 @@ def doctor_command(
     with err_console.status("starting") as status:
         for result in run_checks(chosen, scale, on_check=lambda label: status.update(f"checking: {label}")):
             results.append(result)
-            err_console.print(f"{result.status} {result.name}: {result.figure}", highlight=False, markup=False)
+            err_console.print(f"{result.status} {result.name}: {result.figure}", highlight=False, markup=False, emoji=False)
     for r in results:
         table.add_row(r.name, f"[{colour[r.status]}]{r.status}[/]", r.figure)
     console.print(table)

@@ -6,7 +6,8 @@ resampled on its own), and a verdict against ``--fail-on`` gates. ``--max-reduct
 gates STC's reduction in NEW against the same reduction in BASE (same GPU, previous run), and
 ``--expect-reduction`` (or the entry for NEW's GPU in an ``--expectations`` file) against an
 absolute bar. Token counts must match exactly. Verdicts: ok, regression, inconclusive (the
-interval straddles the gate or too few samples).
+interval straddles the gate or too few samples). A (frames, arm) pair of BASE that NEW did not
+measure makes the verdict at least inconclusive (a regression with ``require_all``).
 """
 
 from __future__ import annotations
@@ -228,8 +229,9 @@ def _pct(x: float) -> str:
 
 
 def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
-                 reductions: list[ReductionGate], drops: list[ReductionDropGate] = ()) -> list[Check]:
-    """Every check of NEW against BASE and against the reduction gates."""
+                 reductions: list[ReductionGate], drops: list[ReductionDropGate] = (), require_all: bool = False) -> list[Check]:
+    """Every check of NEW against BASE and against the reduction gates, then the points of BASE
+    that NEW lacks (``_missing_points``)."""
     for gate in slowdowns:
         if gate.stage is not None and gate.stage not in new.stages:
             raise BenchUsageError(f"--fail-on {gate.stage}:...: NEW has no stage {gate.stage!r} (stages: {', '.join(new.stages)})")
@@ -278,7 +280,22 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
     if not any((a.frames, a.arm) in base_arms for a in new.compared) and (slowdowns or drops):
         checks.append(Check("arms", "no (frames, arm) of NEW but the baseline is in BASE", Verdict.INCONCLUSIVE,
                             "nothing to compare: run both with the same --frames, --arms and knobs"))
-    return checks
+    return checks + _missing_points(base, new, require_all)
+
+
+def _missing_points(base: RunResult, new: RunResult, require_all: bool) -> list[Check]:
+    """One check naming the (frames, arm) pairs BASE measured and NEW did not: NEW cannot pass a
+    gate on points it lacks, so the verdict is at least inconclusive (a regression with ``require_all``)."""
+    have = {(a.frames, a.arm) for a in new.arms}
+    missing = [a for a in base.arms if (a.frames, a.arm) not in have]
+    if not missing:
+        return []
+    names = ", ".join(f"{a.frames}f {a.arm.label}" for a in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    reason = "NEW did not measure them: run it with BASE's --frames, --arms and knobs"
+    if not require_all:
+        reason += " (--require-all makes this a regression)"
+    return [Check("points of BASE missing in NEW", f"{len(missing)} of {len(base.arms)}: {names}",
+                  Verdict.REGRESSION if require_all else Verdict.INCONCLUSIVE, reason)]
 
 
 def _slowdown_check(subject: str, base: Measurement, new: Measurement, gate: SlowdownGate) -> Check:

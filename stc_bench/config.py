@@ -8,6 +8,7 @@ to change.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -81,6 +82,10 @@ class BenchConfig:
     """``METHOD:KNOB=VALUE`` knob settings of the peer methods (STC's knobs have their own options)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, int) and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed}: must fit in 64 bits, from {-(2**63)} to {2**63 - 1}; e.g. --seed 0")
+        if isinstance(self.fps, (int, float)) and not math.isfinite(self.fps):
+            _fail("--fps", self.fps, "a finite number of frames per second; e.g. --fps 0.5")
         if self.scale not in SCALES:
             _fail("--scale", self.scale, "one of " + ", ".join(SCALES))
         if self.dtype not in DTYPES:

@@ -12,6 +12,7 @@ are upgraded on reading.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+DOCUMENT_KEYS = ("schema_version", "complete", "config", "environment", "run", "errors", "arms", "measurements",
+                 "summaries", "points")
+"""Top-level keys of a results document this stc-bench reads or derives (``points``: schema 1)."""
+RUN_SCALES = ("full", "small", "tiny", "checkpoint")
+"""Scales a run is built at (``run.scale``; ``auto`` is resolved before building)."""
 
 FIDELITY_COLUMNS = ("vit_cosine_mean", "vit_cosine_min", "logits_top1_agreement", "logits_kl_mean")
 
@@ -80,6 +86,9 @@ class RunResult:
     arms: list[ArmResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys of the file this result was read from that this stc-bench does not know
+    (written by a newer one): kept as they were and written back, never dropped."""
 
     def measurement(self, frames: int, arm: Arm, stage: str) -> Measurement | None:
         """The measurement of ``stage`` of ``arm`` at ``frames`` frames."""
@@ -101,6 +110,11 @@ class RunResult:
         return list(dict.fromkeys(a.frames for a in self.arms))
 
     @property
+    def failed_frames(self) -> dict[int, str]:
+        """Frame counts that failed (out of memory), recorded in ``run.failed_frames``, with the error."""
+        return {f["frames"]: f.get("error", "") for f in self.run.get("failed_frames", [])}
+
+    @property
     def stages(self) -> list[str]:
         """Stages measured, in pipeline order."""
         order = {s: i for i, s in enumerate(STAGE_ORDER)}
@@ -109,8 +123,8 @@ class RunResult:
     def reduction(self, arm: ArmResult, stage: str) -> Reduction | None:
         """Paired reduction of ``stage`` of an arm against the baseline at its frame count."""
         base, new = self.baseline(arm.frames, stage), self.measurement(arm.frames, arm.arm, stage)
-        if base is None or new is None or arm.arm.is_baseline:
-            return None
+        if base is None or new is None or arm.arm.is_baseline or min(base.n, new.n) == 0 or base.min <= 0:
+            return None  # no ratio to a baseline of no time (or no samples): rendered as a dash
         return paired_reduction(base, new)
 
     def flop_reduction(self, arm: ArmResult, stage: str) -> float | None:
@@ -187,6 +201,7 @@ class RunResult:
                                       "ci_high": r.ci_high,
                                       "flop_reduction": _flop_reduction(self.baseline_facts(facts.frames), facts, stage)})
         return {
+            **copy.deepcopy(self.extra),
             "schema_version": SCHEMA_VERSION,
             "complete": self.complete,
             "config": self.config.to_dict(),
@@ -204,7 +219,8 @@ class RunResult:
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
             readable = ", ".join(str(v) for v in READABLE_VERSIONS)
-            raise ResultsError(f"results schema version {version!r} is not supported (this stc-bench reads {readable})")
+            raise ResultsError(f"results schema version {version!r} is not supported (this stc-bench reads {readable}); "
+                               "read it with the stc-bench version that wrote it")
         if version == 1:
             d = upgrade_schema_1(d)
         return cls(
@@ -215,6 +231,7 @@ class RunResult:
             arms=[ArmResult.from_dict(a) for a in d["arms"]],
             errors=list(d.get("errors", [])),
             complete=bool(d.get("complete", False)),
+            extra={k: v for k, v in d.items() if k not in DOCUMENT_KEYS},
         )
 
     def save(self, path: Path) -> None:
@@ -262,25 +279,201 @@ def upgrade_schema_1(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + rename, so a crash never leaves a torn file."""
+    """Write JSON through a temp file + rename, so a crash or a full disk never leaves a torn
+    file: on any error the temp file is removed and ``path`` keeps its previous content."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=True)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=True)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def results_file(path: str | Path) -> Path:
+    """The results.json that ``path`` names: the file itself, or the results.json of a run folder."""
+    p = Path(path)
+    return p / "results.json" if p.is_dir() else p
 
 
 def load_results(path: str | Path) -> RunResult:
-    """Read a results.json, or the results.json inside a run folder."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
+    """Read a results.json, or the results.json inside a run folder, checking its shape first:
+    ``ResultsError`` names the file, the first entry that is wrong and what is wrong with it."""
+    p = results_file(path)
     if not p.is_file():
         raise ResultsError(f"{path}: no results.json here; pass a results file or a run folder")
+    fix = "pass a results.json written by stc-bench, or re-run the benchmark"
     try:
-        return RunResult.from_dict(json.loads(p.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise ResultsError(f"{p}: not an stc-bench results file ({type(err).__name__}: {err})") from None
+        text = p.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ResultsError(f"{p}: cannot be read ({err.strerror}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{p}: not an stc-bench results file (not UTF-8 text); {fix}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        what = "empty" if not text.strip() else f"not valid JSON, truncated? line {err.lineno}, column {err.colno}: {err.msg}"
+        raise ResultsError(f"{p}: not an stc-bench results file ({what}); {fix}") from None
+    if not isinstance(document, dict):
+        raise ResultsError(f"{p}: not an stc-bench results file (the top level is {_kind(document)}, "
+                           f"not an object); {fix}")
+    try:
+        version = document.get("schema_version")
+        if version in READABLE_VERSIONS and not isinstance(version, bool):
+            if version == 1:
+                document = upgrade_schema_1(document)
+            check_document(document)
+        result = RunResult.from_dict(document)
+    except ResultsError as err:
+        raise ResultsError(f"{p}: {err}") from None
+    except _Malformed as err:
+        raise ResultsError(f"{p}: not a valid stc-bench results file ({err}); {fix}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
+        raise ResultsError(f"{p}: not a valid stc-bench results file ({detail}); {fix}") from None
+    return result
+
+
+class _Malformed(ValueError):
+    """One entry of a results document is wrong; the message names it by its JSON path."""
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in a message: ``a list``, ``the string '4'``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, (int, float)):
+        return "NaN" if isinstance(value, float) and math.isnan(value) else f"the number {value!r}"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _field(d: dict, key: str, where: str, kinds: tuple[type, ...], what: str, optional: bool = False) -> Any:
+    """``d[key]`` checked to be one of ``kinds``; ``where`` is the JSON path of ``d`` ("" at the top)."""
+    path = f"{where}.{key}" if where else key
+    if key not in d:
+        if optional:
+            return None
+        raise _Malformed(f"{path} is missing")
+    value = d[key]
+    if optional and value is None:
+        return None
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise _Malformed(f"{path} is {_kind(value)}, not {what}")
+    return value
+
+
+def _number(value: Any, where: str, *, integer: bool = False, minimum: float | None = None) -> None:
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise _Malformed(f"{where} is {_kind(value)}, not {'a whole number' if integer else 'a number'}")
+    if not math.isfinite(value):
+        raise _Malformed(f"{where} is {_kind(value)}, not a finite number")
+    if minimum is not None and value < minimum:
+        raise _Malformed(f"{where} is {value!r}, below {minimum:g}")
+
+
+def _arm(d: Any, where: str) -> None:
+    from stc_bench.methods import METHOD_MODULES
+
+    if not isinstance(d, dict):
+        raise _Malformed(f"{where} is {_kind(d)}, not an object with method and knobs")
+    method = _field(d, "method", where, (str,), "a method name")
+    if method not in METHOD_MODULES:
+        raise _Malformed(f"{where}.method {method!r} is not a method of this stc-bench ({', '.join(METHOD_MODULES)})")
+    knobs = _field(d, "knobs", where, (dict,), "an object", optional=True) or {}
+    for name, value in knobs.items():
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise _Malformed(f"{where}.knobs.{name} is {_kind(value)}, not a single value")
+
+
+def check_document(d: dict[str, Any]) -> None:
+    """Raise ``_Malformed`` naming the first entry of a schema-2 results document whose shape
+    or value stc-bench cannot use (types, missing keys, empty or non-finite samples, unknown
+    scales, frameworks and methods); ``ResultsError`` for a config that is not a valid run."""
+    from stc_bench.frameworks import FRAMEWORK_MODULES
+
+    config = _field(d, "config", "", (dict,), "an object")
+    try:
+        bench = BenchConfig.from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise _Malformed(f"config: {err}") from None
+    if bench.framework not in FRAMEWORK_MODULES:
+        raise _Malformed(f"config.framework {bench.framework!r} is not one of {', '.join(FRAMEWORK_MODULES)}")
+    _field(d, "environment", "", (dict,), "an object")
+    run = _field(d, "run", "", (dict,), "an object")
+    scale = _field(run, "scale", "run", (str,), "a scale name")
+    if scale not in RUN_SCALES:
+        raise _Malformed(f"run.scale {scale!r} is not one of {', '.join(RUN_SCALES)}")
+    for key in ("scale_reason", "dtype", "weights", "video"):
+        _field(run, key, "run", (str,), "a string")
+    _field(run, "chunk_frames", "run", (int,), "a whole number", optional=True)
+    _field(run, "architecture", "run", (dict,), "an object", optional=True)
+    if not all(isinstance(x, str) for x in _field(run, "notes", "run", (list,), "a list", optional=True) or []):
+        raise _Malformed("run.notes holds something other than strings")
+    for i, f in enumerate(_field(run, "failed_frames", "run", (list,), "a list", optional=True) or []):
+        if not isinstance(f, dict):
+            raise _Malformed(f"run.failed_frames[{i}] is {_kind(f)}, not an object with frames and error")
+        _number(_field(f, "frames", f"run.failed_frames[{i}]", (int,), "a whole number"), f"run.failed_frames[{i}].frames",
+                integer=True, minimum=1)
+    if not all(isinstance(e, str) for e in _field(d, "errors", "", (list,), "a list of strings", optional=True) or []):
+        raise _Malformed("errors holds something other than strings")
+    _field(d, "complete", "", (bool,), "true or false", optional=True)
+    for i, a in enumerate(_field(d, "arms", "", (list,), "a list")):
+        where = f"arms[{i}]"
+        if not isinstance(a, dict):
+            raise _Malformed(f"{where} is {_kind(a)}, not an object")
+        _number(_field(a, "frames", where, (int,), "a whole number"), f"{where}.frames", integer=True, minimum=1)
+        _arm(a.get("arm"), f"{where}.arm")
+        for stage, value in _field(a, "tokens", where, (dict,), "an object").items():
+            _number(value, f"{where}.tokens.{stage}", integer=True, minimum=0)
+        for stage, value in _field(a, "macs", where, (dict,), "an object").items():
+            if value is not None:
+                _number(value, f"{where}.macs.{stage}", minimum=0)
+        for name, value in (_field(a, "fidelity", where, (dict,), "an object", optional=True) or {}).items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise _Malformed(f"{where}.fidelity.{name} is {_kind(value)}, not a number")  # NaN: rendered as a dash
+        if not all(isinstance(k, str) for k in _field(a, "chunk_kinds", where, (list,), "a list", optional=True) or []):
+            raise _Malformed(f"{where}.chunk_kinds holds something other than strings")
+        if a.get("recompute_fraction") is not None:
+            _number(a["recompute_fraction"], f"{where}.recompute_fraction", minimum=0)
+        _field(a, "graphs", where, (dict,), "an object", optional=True)
+    for i, m in enumerate(_field(d, "measurements", "", (list,), "a list")):
+        where = f"measurements[{i}]"
+        if not isinstance(m, dict):
+            raise _Malformed(f"{where} is {_kind(m)}, not an object")
+        spec = _field(m, "spec", where, (dict,), "an object")
+        for key in ("framework", "scale", "device", "dtype", "stage"):
+            _field(spec, key, f"{where}.spec", (str,), "a string")
+        if spec["framework"] != bench.framework:
+            raise _Malformed(f"{where}.spec.framework {spec['framework']!r} is not the run's {bench.framework!r}")
+        _number(_field(spec, "frames", f"{where}.spec", (int,), "a whole number"), f"{where}.spec.frames", integer=True, minimum=1)
+        _arm(spec.get("arm"), f"{where}.spec.arm")
+        times = _field(m, "times_ms", where, (list,), "a list of latencies")
+        if not times:
+            raise _Malformed(f"{where}.times_ms is empty: a measurement needs at least one sample")
+        for j, t in enumerate(times):
+            _number(t, f"{where}.times_ms[{j}]", minimum=0)
+        chunks = _field(m, "chunk_ms", where, (list,), "a list of lists", optional=True) or []
+        if chunks and len(chunks) != len(times):
+            raise _Malformed(f"{where}.chunk_ms has {len(chunks)} repeats, times_ms {len(times)}")
+        for j, row in enumerate(chunks):
+            if not isinstance(row, list) or len(row) != len(chunks[0]):
+                raise _Malformed(f"{where}.chunk_ms[{j}] is not a list of as many chunk times as the first repeat's")
+            for k, t in enumerate(row):
+                _number(t, f"{where}.chunk_ms[{j}][{k}]", minimum=0)
+        if m.get("warmup") is not None:
+            _number(m["warmup"], f"{where}.warmup", integer=True, minimum=0)
+        meta = _field(m, "metadata", where, (dict,), "an object", optional=True) or {}
+        if meta.get("peak_memory_mb") is not None:
+            _number(meta["peak_memory_mb"], f"{where}.metadata.peak_memory_mb", minimum=0)
 
 
 def stage_spec(config: BenchConfig, run: dict[str, Any], device_label: str, frames: int, stage: str, arm: Arm) -> StageSpec:

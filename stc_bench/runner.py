@@ -14,15 +14,25 @@ them, whatever ``--warmup`` is. The run's device is the current CUDA device thro
 With a ``RunFolder``, the raw samples are saved after every measured round and each finished
 frame count goes to results.json at once, so an interrupted run keeps what it measured and
 ``resume`` continues it: finished frame counts are skipped, and the frame count in progress
-re-runs its warm-up and then measures only the rounds still missing.
+re-runs its warm-up and then measures only the rounds still missing. What it reads back is
+checked against the run first (``RunFolder.read_progress``).
+
+A frame count that runs out of memory is recorded in results.json (``run.failed_frames``) and
+the run goes on with the other frame counts; a resume skips recorded failures unless asked to
+retry them. Before building the clip, the memory it needs is compared with what is available,
+and every arm's token budget with the tokens a frame has, so a run that cannot work fails at
+once, naming the limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +49,7 @@ from stc_bench.measurement import BASELINE, Measurement
 from stc_bench.methods import get_method
 from stc_bench.methods.method import COMPRESS, Arm, HookSite, MethodError
 from stc_bench.results import ArmResult, RunResult, stage_spec
-from stc_bench.run_folder import RunFolder
+from stc_bench.run_folder import Progress, RunFolder
 from stc_bench.timing import StageTimer
 from stc_bench.video import VideoSource, load_clip, resolve_video
 
@@ -50,11 +60,93 @@ ProgressCallback = Callable[[str, int, int], None]
 
 
 class BenchmarkInterrupted(RuntimeError):
-    """A run stopped before the end; ``result`` holds every finished frame count."""
+    """A run stopped before the end, or ended with failed frame counts; ``result`` holds every
+    finished frame count. ``by_user``: Ctrl-C; ``failed_frames``: frame counts that failed and are
+    recorded as such (a resume retries them only when asked)."""
 
-    def __init__(self, message: str, result: RunResult):
+    def __init__(self, message: str, result: RunResult, by_user: bool = False, failed_frames: tuple[int, ...] = ()):
         super().__init__(message)
         self.result = result
+        self.by_user = by_user
+        self.failed_frames = failed_frames
+
+
+HOST_CLIP_COPIES = 3
+"""Copies of the float32 clip alive at once while it is made (frames, noise, their sum)."""
+
+
+def available_host_memory() -> int | None:
+    """Bytes this process can still allocate: the kernel's MemAvailable, capped by a cgroup v2
+    limit (less the cgroup's reclaimable page cache); None where neither can be read."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+            available = min(available, int(limit) - used + int(stat.get("file", 0)))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_clip_memory(frames: int, size: int, device: Device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating it, a clip of ``frames`` frames of size x size that cannot fit:
+    on the host (float32, ``HOST_CLIP_COPIES`` copies while it is made) and on a CUDA device (the
+    frames in the compute dtype, besides the model already built and its activations, which come
+    on top). ``BenchUsageError`` gives the figure, the limit and the most --frames that fit."""
+    per_frame = 3 * size * size
+    host = per_frame * 4 * HOST_CLIP_COPIES
+    available = available_host_memory()
+    if available is not None and frames * host > available:
+        raise BenchUsageError(f"--frames {frames}: the clip needs {_gib(frames * host)} of host memory ({frames} frames x 3 x {size} "
+                              f"x {size} float32, {HOST_CLIP_COPIES} copies while it is made), {_gib(available)} is available; "
+                              f"pass --frames {available // host} or fewer")
+    if device.is_cuda:
+        free, _ = torch.cuda.mem_get_info(device.torch_device)
+        on_device = per_frame * dtype.itemsize
+        if frames * on_device > free:
+            raise BenchUsageError(f"--frames {frames}: the clip alone needs {_gib(frames * on_device)} on {device.label} ({frames} "
+                                  f"frames x 3 x {size} x {size} {str(dtype).removeprefix('torch.')}), {_gib(free)} is free "
+                                  f"there after the build; pass --frames {free // on_device} or fewer")
+
+
+def check_token_budgets(config: BenchConfig, arms: list[Arm], site: HookSite) -> None:
+    """Refuse a per-frame token budget above the tokens a frame has where the budget applies: at
+    the compression hook (after the framework's pooling) where the framework has one, else
+    leaving the tower (CLS not counted). STC without a compression hook keeps no budget."""
+    patches = site.tower_tokens - int(site.class_token)
+    if COMPRESS in site.hooks:
+        per_frame = site.pool(torch.zeros(1, patches, 1)).shape[1]
+        where = "where the budget applies (the compression hook)"
+    else:
+        per_frame, where = patches, "leaving the vision tower (CLS not counted)"
+    for arm in arms:
+        if arm.is_baseline or (arm.method == "stc" and COMPRESS not in site.hooks):
+            continue
+        budget = dict(arm.knobs).get("tokens_per_frame")
+        if budget is None or budget <= per_frame:
+            continue
+        overridden = any(o.replace(" ", "").startswith(f"{arm.method}:tokens_per_frame=") for o in config.arm_overrides)
+        option = f"--arm {arm.method}:tokens_per_frame={budget}" if overridden else f"--tokens-per-frame {budget}"
+        raise BenchUsageError(f"{option}: a frame has {per_frame} tokens on {config.framework} {where}, so {arm.method} "
+                              f"would keep them all; pass {per_frame} or fewer")
 
 
 def choose_scale(config: BenchConfig, device: Device) -> tuple[str, str]:
@@ -141,12 +233,21 @@ def measure_frame_count(
     arms: list[Arm],
     tick: Callable[[], None],
     folder: RunFolder | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[Measurement], list[ArmResult]]:
-    """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts."""
+    """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts.
+    ``progress``: rounds of this frame count measured before (read and checked from partial.json)."""
     frames = clip.shape[0]
     chunk_frames = run["chunk_frames"]
-    saved = folder.load_progress(frames) if folder is not None else None
-    done, samples = saved if saved is not None else (0, _empty_samples(arms, pipeline.stages))
+    if progress is not None and progress.frames == frames:
+        first = next(iter(progress.samples.values()))
+        if set(first["totals"]) != set(pipeline.stages):
+            raise BenchUsageError(f"partial.json of --frames {frames} holds stages {', '.join(first['totals'])}, this "
+                                  f"{config.framework} times {', '.join(pipeline.stages)}; delete it to measure --frames "
+                                  f"{frames} again from its first round")
+        done, samples = progress.rounds, progress.samples
+    else:
+        done, samples = 0, _empty_samples(arms, pipeline.stages)
     if done:
         logger.warning("resuming %d frames: %d of %d rounds already measured", frames, done, config.repeats)
     timer = StageTimer(device)
@@ -201,18 +302,22 @@ def measure_frame_count(
 
 
 def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
-                  folder: RunFolder | None = None, resume: RunResult | None = None) -> RunResult:
+                  folder: RunFolder | None = None, resume: RunResult | None = None,
+                  retry_failed: bool = False) -> RunResult:
     """Build the framework, then measure every frame count; returns the complete result.
 
     With ``folder``, results.json is written at the start and after every frame count, and raw
     samples after every round. ``resume`` (a partial result read from that folder) skips the
-    frame counts it already holds. Raises ``BenchmarkInterrupted``, carrying the partial result,
-    on out-of-memory (while building or measuring) or Ctrl-C. The run's device is the current
+    frame counts it already holds, and those recorded as failed unless ``retry_failed``. A frame
+    count that runs out of memory is recorded as failed and the others are still measured; then
+    ``BenchmarkInterrupted`` carries the result. Out of memory while building, or Ctrl-C, raise it
+    at once. ``BenchUsageError`` (raised before anything is written): a setting that cannot work
+    here (token budget, clip memory, arms, video, partial.json). The run's device is the current
     CUDA device from start to end, so ``--gpu N`` builds, times and captures on GPU N.
     """
     device = resolve_device(config.device)
     with device.activate():
-        return _run(config, device, progress or (lambda *_: None), folder, resume)
+        return _run(config, device, progress or (lambda *_: None), folder, resume, retry_failed)
 
 
 def _out_of_memory(err: BaseException, what: str, settings: str, advice: str) -> str:
@@ -237,8 +342,15 @@ def _run_block(config: BenchConfig, framework: FrameworkSpec, scale: str, reason
     }
 
 
+def _free_memory(device: Device) -> None:
+    """Give back what a failed frame count held, before the next one."""
+    gc.collect()
+    if device.is_cuda:
+        torch.cuda.empty_cache()
+
+
 def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: RunFolder | None,
-         resume: RunResult | None) -> RunResult:
+         resume: RunResult | None, retry_failed: bool) -> RunResult:
     dtype = resolve_dtype(config.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     scale, reason = choose_scale(config, device)
@@ -246,6 +358,10 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     framework = get_framework(config.framework)
     arms = arms_of(config, framework.site())
     video = resolve_video(config.video, max(config.frames), config.fps)  # before the build: a bad --video fails at once
+    finished = set(resume.frame_counts) if resume is not None else set()
+    skipped = set() if resume is None or retry_failed else set(resume.failed_frames)
+    saved = (folder.read_progress(config.frames, finished, [a.label for a in arms], config.repeats)
+             if folder is not None else None)  # checked before the build: a bad partial.json fails at once
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
     try:
         pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
@@ -258,6 +374,9 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         if folder is not None:
             folder.save_result(result)
         raise BenchmarkInterrupted(message, result) from None
+    check_token_budgets(config, arms, pipeline.site)
+    todo = [f for f in config.frames if f not in finished and f not in skipped]
+    check_clip_memory(max(config.frames), pipeline.image_size, device, dtype)
     if resume is not None:
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -266,11 +385,18 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
                            run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline, video))
     if folder is not None:
         folder.save_result(result)
-    finished = set(result.frame_counts)
-    clip_all = load_clip(max(config.frames), pipeline.image_size, video, config.fps, config.seed,
-                         mean=pipeline.mean, std=pipeline.std)
-    passes = len(config.frames) * ((config.warmup + config.repeats) * len(arms) + 1)
-    done = len(finished) * ((config.warmup + config.repeats) * len(arms) + 1)
+    try:
+        clip_all = load_clip(max(config.frames), pipeline.image_size, video, config.fps, config.seed,  # the same clip as ever
+                             mean=pipeline.mean, std=pipeline.std)
+    except MemoryError as err:
+        result.errors.append(_out_of_memory(err, f"while making the clip of --frames {max(config.frames)}",
+                                            f"{pipeline.image_size} px", "pass fewer --frames"))
+        if folder is not None:
+            folder.save_result(result)
+        raise BenchmarkInterrupted(result.errors[-1], result) from None
+    per_frame_count = (config.warmup + config.repeats) * len(arms) + 1
+    passes = len(todo) * per_frame_count
+    done = 0
     description = f"{config.framework}: {len(arms)} arms x {config.repeats} repeats"
     report(description, done, passes)
 
@@ -279,27 +405,47 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         done += n
         report(description, done, passes)
 
-    for frames in config.frames:
-        if frames in finished:
-            continue
-        clip = clip_all[:frames].to(device.torch_device, dtype)
+    failures: list[str] = []
+    for frames in todo:
+        before = done
         try:
+            clip = clip_all[:frames].to(device.torch_device, dtype)
             with torch.inference_mode():
-                measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder)
+                measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder, saved)
         except (torch.cuda.OutOfMemoryError, MemoryError) as err:
             settings = f"scale {pipeline.scale}, dtype {dtype_name}, --chunk-frames {result.run['chunk_frames']}"
-            result.errors.append(_out_of_memory(err, f"at --frames {frames}", settings,
-                                                "try fewer frames, a smaller --scale or another GPU"))
-            raise BenchmarkInterrupted(result.errors[-1], result) from None
+            message = _out_of_memory(err, f"at --frames {frames}", settings, "try fewer frames, a smaller --scale or another GPU")
+            result.errors.append(message)
+            result.run["failed_frames"] = [f for f in result.run.get("failed_frames", []) if f.get("frames") != frames] + [
+                {"frames": frames, "error": message}]
+            failures.append(message)
+            clip = None
+            _free_memory(device)
+            tick(before + per_frame_count - done)
+            if folder is not None:
+                folder.clear_progress()  # its rounds are not resumed: a retry measures it afresh
+                folder.save_result(result)
+            continue
         except KeyboardInterrupt:
-            raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result) from None
+            raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result, by_user=True) from None
         result.measurements.extend(measurements)
         result.arms.extend(facts)
+        result.run["failed_frames"] = [f for f in result.run.get("failed_frames", []) if f.get("frames") != frames]
+        if not result.run["failed_frames"]:
+            del result.run["failed_frames"]
         if folder is not None:
             folder.save_result(result)
             folder.clear_progress()
-    result.complete = True
+    result.complete = set(config.frames) <= set(result.frame_counts)
     result.environment["gpu_state_after"] = gpu_state(device)
     if folder is not None:
         folder.save_result(result)
+    failed = tuple(sorted(result.failed_frames))
+    if not result.complete:
+        skipped_now = sorted(set(failed) & skipped)
+        earlier = (f"; --frames {','.join(map(str, skipped_now))} failed before and was skipped" if skipped_now else "")
+        measured = [f for f in todo if f in result.frame_counts]
+        also = f"; measured --frames {','.join(map(str, measured))}" if measured and failures else ""
+        raise BenchmarkInterrupted("; ".join(failures) + also + earlier if failures else earlier.removeprefix("; "),
+                                   result, failed_frames=failed)
     return result

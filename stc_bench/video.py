@@ -166,9 +166,25 @@ def resolve_video(video: str | None, frames: int, fps: float) -> VideoSource:
         if choice == AUTO and count < frames:
             return VideoSource(SYNTHETIC, None, None, f"{SYNTHETIC} ({path.name} has {count} frames, {frames} needed)")
         return _sample_source(path, count, last_time, rate, frames, fps)
-    if not Path(choice).is_file():
-        raise VideoError(f"--video {choice}: no such file (or pass --video {SAMPLE}, {SYNTHETIC} or {AUTO})")
+    problem = _not_a_file(choice)
+    if problem:
+        raise VideoError(f"--video {choice!r}: {problem}")
     return VideoSource("file", choice, fps, choice)
+
+
+def _not_a_file(path: str) -> str | None:
+    """Why ``path`` cannot be a video file, with the fix; None when it is a regular file."""
+    others = f"--video {SAMPLE}, {SYNTHETIC} or {AUTO}"
+    if not path:
+        return f"empty; pass a video file path, or {others}"
+    file = Path(path)
+    if file.is_dir():
+        return f"is a directory; pass a video file in it, or {others}"
+    if file.exists() and not file.is_file():
+        return f"is not a regular file; pass a video file, or {others}"
+    if not file.is_file():
+        return f"no such file; check the path, or pass {others}"
+    return None
 
 
 def synthetic_clip(frames: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -213,15 +229,16 @@ def decode_video(path: str, frames: int, fps: float, size: int) -> torch.Tensor:
     import av
 
     file = Path(path)
-    if not file.is_file():
-        raise VideoError(f"--video {path}: no such file")
+    problem = _not_a_file(path)
+    if problem:
+        raise VideoError(f"--video {path!r}: {problem}")
     try:
         container = av.open(str(file))
     except (av.error.FFmpegError, OSError) as err:
         raise VideoError(f"--video {path}: not a readable video ({err}); pass an mp4/mkv/webm file") from None
     with container:
         if not container.streams.video:
-            raise VideoError(f"--video {path}: the file has no video stream")
+            raise VideoError(f"--video {path}: the file has no video stream; pass a file with a video track")
         stream = container.streams.video[0]
         picked: list[torch.Tensor] = []
         first = last = None
@@ -237,7 +254,7 @@ def decode_video(path: str, frames: int, fps: float, size: int) -> torch.Tensor:
                 if len(picked) == frames:
                     break
         except av.error.FFmpegError as err:
-            raise VideoError(f"--video {path}: decoding failed ({err})") from None
+            raise VideoError(f"--video {path}: decoding failed ({err}); pass another video file") from None
     if len(picked) < frames:
         span = 0.0 if first is None else last - first
         raise VideoError(_too_short(f"--video {path}", len(picked), frames, fps, span))

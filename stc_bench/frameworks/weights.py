@@ -39,10 +39,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _no_init() -> contextlib.AbstractContextManager:
-    try:  # transformers >= 5
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+    from stc_bench.frameworks.transformers_compat import no_init_weights
+
     return no_init_weights()
 
 
@@ -80,7 +78,13 @@ def fill_random_(module: nn.Module, seed: int) -> nn.Module:
 
 def read_checkpoint_config(path: str, model_types: tuple[str, ...]) -> dict:
     """Check that ``path`` is a local HF checkpoint of one of ``model_types`` stored as
-    safetensors, and return its config.json. Raises ``CheckpointError`` saying what is wrong."""
+    safetensors only, and return its config.json. Raises ``CheckpointError`` saying what is wrong.
+
+    Nothing that could be unpickled reaches transformers: any other weight file (``*.bin``,
+    ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.pkl``, ``*.pickle``) or an index naming a shard that is not a
+    ``.safetensors`` file inside the folder is refused, and every safetensors file's header is
+    read and checked against the file's size (a truncated download fails here, in one line).
+    """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"--checkpoint {path}: no such directory; pass a local HF checkpoint folder")
@@ -89,16 +93,79 @@ def read_checkpoint_config(path: str, model_types: tuple[str, ...]) -> dict:
         raise CheckpointError(f"--checkpoint {path}: no config.json inside; pass the folder that holds config.json")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"--checkpoint {path}: config.json is unreadable ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"--checkpoint {path}: config.json is unreadable ({err}); download the checkpoint again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"--checkpoint {path}: config.json holds a {type(config).__name__}, not an object; "
+                              "download the checkpoint again")
     if config.get("model_type") not in model_types:
         raise CheckpointError(
             f"--checkpoint {path}: model_type is {config.get('model_type')!r}, expected "
             f"{' or '.join(model_types)} (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf)"
         )
-    if not any(root.glob("*.safetensors")):
+    unsafe = sorted(f.name for f in root.iterdir() if f.suffix.lower() in PICKLED_SUFFIXES or f.name.endswith(".bin.index.json"))
+    if unsafe:
+        raise CheckpointError(f"--checkpoint {path}: {unsafe[0]} is not safetensors (pickled weights can run code when "
+                              "loaded); only safetensors are loaded: convert it, or move it out of the folder")
+    for index in sorted(root.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"--checkpoint {path}: {index.name} is unreadable ({type(err).__name__}: {err}); "
+                                  "download the checkpoint again") from None
+        for shard in sorted(map(str, shards)):
+            if not shard.endswith(".safetensors") or Path(shard).name != shard:
+                raise CheckpointError(f"--checkpoint {path}: {index.name} names the shard {shard!r}, not a .safetensors "
+                                      "file in the folder; only safetensors weights are loaded: fix or remove the index")
+            if not (root / shard).is_file():
+                raise CheckpointError(f"--checkpoint {path}: the shard {shard} named in {index.name} is missing; "
+                                      "download the whole checkpoint")
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
         raise CheckpointError(f"--checkpoint {path}: no *.safetensors files; only safetensors weights are loaded")
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise CheckpointError(f"--checkpoint {path}: {file.name} is truncated or corrupt ({problem}); download it again")
     return config
+
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that torch.load would unpickle: refused in a --checkpoint folder."""
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON header, tensor
+    offsets within the file), or None; the tensors themselves are not read."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, 100_000_000):
+                return f"its header claims {length:,} bytes, the file holds {size:,}"
+            header = json.loads(f.read(length).decode("utf-8"))
+    except OSError as err:
+        return err.strerror or str(err)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end > size:
+        return f"{size:,} bytes, but its tensors end at byte {8 + length + end:,}"
+    return None
 
 
 def refuse_checkpoint(framework: str, checkpoint: str | None) -> None:

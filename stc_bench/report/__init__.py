@@ -1,15 +1,43 @@
-"""Reports of a run: CSV tables, Markdown, PNG plots and the terminal table."""
+"""Reports of a run: CSV tables, Markdown, PNG plots and the terminal table.
+
+Every file is written through a temp file and a rename, so a full disk or a crash leaves each
+file as it was or whole, never torn.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from stc_bench.results import RunResult
 
 
-def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Path]:
-    """Write results.json, samples.csv, summary.csv, reductions.csv, the PNGs and report.md
-    into ``folder``; returns the paths written."""
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> Path | None:
+    """``write(temp)`` into a temp file beside ``path`` (same suffix), then rename it to ``path``;
+    when ``write`` returns False it had nothing to write: ``path`` is left alone and None returned."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if write(Path(tmp)) is False:
+            os.unlink(tmp)
+            return None
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_report(result: RunResult, folder: Path, plots: bool = True, results: bool = True) -> list[Path]:
+    """Write results.json (unless ``results`` is False: re-rendering never rewrites a results
+    file), samples.csv, summary.csv, reductions.csv, the PNGs and report.md into ``folder``;
+    returns the paths written."""
     from stc_bench.report.markdown import render_markdown
     from stc_bench.report.plots import (
         plot_fidelity_vs_ratio,
@@ -23,29 +51,33 @@ def write_report(result: RunResult, folder: Path, plots: bool = True) -> list[Pa
     from stc_bench.report.tables import reduction_table, samples_table, summary_table
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "results.json"]
-    result.save(written[0])
+    written = []
+    if results:
+        written.append(folder / "results.json")
+        result.save(written[0])
     for name, table in (("samples.csv", samples_table), ("summary.csv", summary_table), ("reductions.csv", reduction_table)):
-        table(result).to_csv(folder / name, index=False)
-        written.append(folder / name)
+        frame = table(result)
+        written.append(_write_atomically(folder / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False)))
     images = []
+
+    def plot(draw: Callable[..., Path | None], name: str, *args) -> None:
+        path = _write_atomically(folder / name, lambda tmp: draw(result, *args, tmp) is not None)  # None: nothing to draw
+        if path is not None:
+            images.append(path)
+
     if plots and result.measurements:
-        images.append(plot_latency(result, folder / "latency.png"))
-        per_frame = plot_per_frame_vit(result, folder / "per_frame_vit.png")
-        if per_frame is not None:
-            images.append(per_frame)
+        plot(plot_latency, "latency.png")
+        plot(plot_per_frame_vit, "per_frame_vit.png")
         knobs = swept_knobs(result)
         for knob in knobs:
-            images.append(plot_reduction_vs_knob(result, knob, folder / f"reduction_vs_{knob}.png"))
+            plot(plot_reduction_vs_knob, f"reduction_vs_{knob}.png", knob)
         if "frames" in knobs:
-            images.append(plot_latency_vs_frames(result, folder / "latency_vs_frames.png"))
+            plot(plot_latency_vs_frames, "latency_vs_frames.png")
         if "ratio" in knobs:
-            images.append(plot_fidelity_vs_ratio(result, folder / "fidelity_vs_ratio.png"))
+            plot(plot_fidelity_vs_ratio, "fidelity_vs_ratio.png")
         if len(result.compared) > 1:  # one arm is a single point: the tables say it all
-            pareto = plot_pareto(result, folder / "pareto.png")
-            if pareto is not None:
-                images.append(pareto)
+            plot(plot_pareto, "pareto.png")
     written += images
-    (folder / "report.md").write_text(render_markdown(result, [p.name for p in images]), encoding="utf-8")
-    written.append(folder / "report.md")
+    markdown = render_markdown(result, [p.name for p in images])
+    written.append(_write_atomically(folder / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8")))
     return written

@@ -26,8 +26,8 @@ def header_lines(result: RunResult) -> list[str]:
 def render_tables(result: RunResult, console: Console) -> None:
     """Print, per frame count, one row per arm (the paper's table shape); where one arm is
     compared with the baseline, also its per-stage detail, fidelity and memory."""
-    for line in header_lines(result):
-        console.print(line, highlight=False)
+    for line in header_lines(result):  # holds user text (video and checkpoint paths): printed as it is
+        console.print(line, highlight=False, markup=False, emoji=False)
     for frames in result.frame_counts:
         table = Table(title=f"{frames} frames: reductions = 1 - arm / baseline on medians", title_justify="left")
         for i, col in enumerate(arm_headers(result)):
@@ -44,9 +44,9 @@ def render_tables(result: RunResult, console: Console) -> None:
             for row in stage_rows(result, frames, label):
                 detail.add_row(*row)
             console.print(detail)
-            console.print(fidelity_line(result, frames, label), highlight=False, markup=False)
+            console.print(fidelity_line(result, frames, label), highlight=False, markup=False, emoji=False)
         memory = memory_line(result, frames)
         if memory:
-            console.print(memory, highlight=False, markup=False)
-    for err in result.errors:
-        console.print(f"[red]error:[/] {escape(err)}")
+            console.print(memory, highlight=False, markup=False, emoji=False)
+    for err in result.errors:  # the CLI prints the run's own error once, on stderr, as "error: ..."
+        console.print(f"[red]recorded error:[/] {escape(err)}", emoji=False)

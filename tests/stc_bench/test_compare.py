@@ -37,6 +37,7 @@ def save(result: RunResult, path):
     return str(path)
 
 
+@pytest.mark.tier1
 def test_a_run_against_itself_is_ok(cli, tiny_result, tmp_path):
     run = save(synthetic(tiny_result), tmp_path / "a")
     summary = tmp_path / "summary.md"

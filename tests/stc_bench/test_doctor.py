@@ -85,6 +85,7 @@ def test_cuda_guard_sets_sync_debug_mode_and_refuses_the_calls_it_misses(monkeyp
     assert _blocking_originals() == originals
 
 
+@pytest.mark.tier1
 def test_no_framework_or_arm_syncs_inside_a_span_on_cpu():
     results = doctor.check_no_host_syncs(CPU)
     assert len(results) == 8  # 4 frameworks x (baseline, +STC)
@@ -207,6 +208,7 @@ def test_doctor_command_exits_1_naming_the_failed_check(cli, monkeypatch):
     assert "error: 1 of" in result.output and "checks failed: null arm (--interval 1): rekv vit" in result.output
 
 
+@pytest.mark.tier1
 def test_doctor_command_passes_when_every_check_passes(cli, monkeypatch):
     monkeypatch.setattr(doctor, "check_null_arm", lambda device, scale="auto": [])
     monkeypatch.setattr(doctor, "check_launch_bound", lambda device, scale="auto": [])

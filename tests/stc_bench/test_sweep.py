@@ -9,6 +9,7 @@ from tests.stc_bench.test_cli import run_folder
 SWEEP = ["sweep", "--scale", "tiny", "--ratio", "0.1,0.25,0.5", "--repeats", "3", "--warmup", "1", "--device", "cpu"]
 
 
+@pytest.mark.tier1
 def test_sweep_writes_every_point_file_and_plot(cli, tmp_path):
     result = cli(*SWEEP, "--frames", "4", "--interval", "2,4", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
