@@ -77,6 +77,21 @@ def full_forward(ops: LayerOps, x: torch.Tensor) -> tuple[torch.Tensor, LayerRef
     return x + m, LayerReference(keys=k, values=v, attn=a, mlp=m)
 
 
+def plain_forward(ops: LayerOps, x: torch.Tensor) -> torch.Tensor:
+    """The unmodified layer forward on frames x (R, n, d), keeping nothing: each intermediate is
+    released as soon as the layer itself would release it, so a forward that stores no reference
+    (a null setting, a baseline's batched attention) allocates like the unpatched layer."""
+    h = ops.norm1(x)                                  # (R, n, d)
+    k, v = ops.key(h), ops.value(h)                   # (R, n, d)
+    q = ops.query(h, None)                            # (R, n, d)
+    del h
+    a = ops.attend(q, k, v)                           # (R, n, d)
+    del q, k, v
+    x = x + a
+    del a
+    return x + ops.mlp(ops.norm2(x))
+
+
 def _rows(index: torch.Tensor, width: int) -> torch.Tensor:
     """(S, r) token indices -> (S, r, width) indices for gather/scatter along the token axis."""
     return index.unsqueeze(-1).expand(-1, -1, width)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_forward
+from stc.cacher.block import LayerOps, LayerReference, full_forward, plain_forward, selective_forward
 from stc.cacher.graph import SelectiveGraphs
 from stc.cacher.state import CacherState
 from stc.core import dynamic_token_count
@@ -46,12 +46,11 @@ def cached_layer_forward(
     refreshed = len(plan.refresh_frames)
     selected = len(plan.selective_frames)
 
-    if selected == 0:  # only refresh frames: the plain forward, keeping the last as reference
+    if selected == 0 and plan.keeps_references:  # only refresh frames: keep the last as reference
         y, reference = full_forward(ops, x)
-        if plan.keeps_references:
-            state.references[layer_index] = reference.frame(frames - 1)
-    elif count >= patch_tokens:  # every token is dynamic: the full forward, exactly; nothing to keep
-        y, _ = full_forward(ops, x)
+        state.references[layer_index] = reference.frame(frames - 1)
+    elif selected == 0 or count >= patch_tokens:  # nothing to keep: the unpatched layer's work, exactly
+        y = plain_forward(ops, x)
     else:
         # With no refresh frame in the call (the common one-frame step), every frame is
         # selective and in order: work on x and return the result without scatter copies.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stc.cacher.block import full_forward
+from stc.cacher.block import plain_forward
 from stc.cacher.state import CacherState
 from stc.cacher.stream import cached_layer_forward
 from stc.errors import STCError
@@ -160,7 +160,7 @@ def make_batched_block_forward(block: nn.Module, shape: CallShape):
     def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, rotary_pos_emb=None,
                 position_embeddings=None, **kwargs):
         ops, x = _block_ops(block, shape, hidden_states, rotary_pos_emb, position_embeddings)
-        y, _ = full_forward(ops, x)                                             # (groups, n, C)
+        y = plain_forward(ops, x)                                               # (groups, n, C)
         return y.reshape(hidden_states.shape)
 
     forward.__doc__ = """Batched forward of a Qwen2-VL vision block, mirroring ``Qwen2VLVisionBlock.forward``
