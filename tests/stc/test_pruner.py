@@ -99,17 +99,27 @@ def test_gaussian_scores_against_a_hand_computed_example():
 
 
 def test_dual_anchor_scores_against_a_hand_computed_example():
-    tokens = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.1]]
-    x = torch.tensor([tokens])
+    """Two calls, so the temporal anchor (the mean of every call's mean so far) differs from the
+    frame mean; the example is chosen so that swapping alpha and 1 - alpha changes the choice."""
+    first = [[1.0, 0.0], [1.0, 0.2], [0.9, 0.1], [1.0, -0.1]]
+    second = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 2.0]]
 
     def cos(a, b):
         return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
 
-    mean = [sum(t[i] for t in tokens) / 4 for i in range(2)]
-    scores = [0.3 * (1 - cos(t, mean)) + 0.7 * (1 - cos(t, mean)) for t in tokens]
-    expected = sorted(sorted(range(4), key=lambda i: -scores[i])[:1])
-    out = STCPruner(PrunerConfig(tokens_per_frame=1, strategy="dual_anchor", alpha=0.3, channel_keep_ratio=1.0)).compress(x)
-    assert out.indices.tolist() == [expected] == [[1]]
+    def mean(tokens):
+        return [sum(t[i] for t in tokens) / len(tokens) for i in range(2)]
+
+    anchor = [(a + b) / 2 for a, b in zip(mean(first), mean(second))]   # running mean of the two call means
+    chosen = {}
+    for alpha in (0.2, 0.8):
+        scores = [alpha * (1 - cos(t, anchor)) + (1 - alpha) * (1 - cos(t, mean(second))) for t in second]
+        expected = [max(range(4), key=lambda i: scores[i])]
+        pruner = STCPruner(PrunerConfig(tokens_per_frame=1, strategy="dual_anchor", alpha=alpha, channel_keep_ratio=1.0))
+        pruner.compress(torch.tensor([first]))
+        chosen[alpha] = pruner.compress(torch.tensor([second])).indices.tolist()
+        assert chosen[alpha] == [expected]
+    assert chosen == {0.2: [[0]], 0.8: [[1]]}  # alpha weighs the temporal anchor, 1 - alpha the frame mean
 
 
 SHAPE = "features must be (frames, tokens, channels) with at least one frame, token and channel, got shape {}"
