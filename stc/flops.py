@@ -1,7 +1,8 @@
 """Analytic multiply-add (MAC) counts: the limit of what STC can save.
 
-Counts cover the matrix products (projections, attention, MLP), which dominate; norms,
-activations, token scoring and gathers are left out. One MAC = one multiply + one add.
+Counts cover the matrix products (patch embeddings, projections, attention, MLPs, mergers,
+projectors), which dominate; norms, activations, biases, position-embedding adds and lookups,
+pooling, token scoring and gathers are left out. One MAC = one multiply + one add.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def vit_layer_macs(tokens: int, width: int, mlp_width: int, recomputed: int | No
     return n * d * d + 2 * r * d * d + 2 * r * n * d + r * d * d + 2 * r * d * f
 
 
+def patch_embedding_macs(patches: int, width: int, patch_size: int, channels: int = 3, temporal_patch: int = 1) -> int:
+    """MACs of a ViT's patch embedding (a strided convolution, i.e. a matmul) on ``patches`` patches:
+    ``patches * (channels * temporal_patch * patch_size^2) * width``. A class token (concatenated,
+    not computed) and the position embeddings (a lookup and an add) cost no MACs."""
+    return patches * channels * temporal_patch * patch_size * patch_size * width
+
+
+def patch_merger_macs(tokens: int, width: int, out_width: int, merge: int = 2) -> int:
+    """MACs of Qwen2-VL's PatchMerger on ``tokens`` ViT tokens: LayerNorm (left out), then each
+    window of ``merge^2`` tokens, concatenated to h = ``merge^2 * width``, through Linear(h, h),
+    GELU (left out), Linear(h, out_width): ``tokens / merge^2 * (h^2 + h * out_width)``."""
+    hidden = merge * merge * width
+    return tokens // (merge * merge) * (hidden * hidden + hidden * out_width)
+
+
+def projector_macs(tokens: int, in_width: int, out_width: int) -> int:
+    """MACs of a LLaVA-style projector, Linear(in, out), GELU (left out), Linear(out, out), on
+    ``tokens`` tokens: ``tokens * (in * out + out^2)``."""
+    return tokens * (in_width * out_width + out_width * out_width)
+
+
 def refresh_frame_count(frames: int, cache_interval: int) -> int:
     """Frames i in [0, frames) with i % cache_interval == 0 (a fresh stream)."""
     return math.ceil(frames / cache_interval)
@@ -84,10 +106,11 @@ def prefill_macs(shape: LLMShape, new_tokens: int, past_tokens: int = 0, logits_
     return shape.layers * per_layer + logits_tokens * d * shape.vocab
 
 
-def streamed_prefill_macs(shape: LLMShape, chunk_tokens: list[int], past_tokens: int = 0) -> int:
-    """MACs of pre-filling chunks one after another into a growing KV cache."""
+def streamed_prefill_macs(shape: LLMShape, chunk_tokens: list[int], past_tokens: int = 0, logits_tokens: int = 1) -> int:
+    """MACs of pre-filling chunks one after another into a growing KV cache, each with the LM
+    head on ``logits_tokens`` positions (0 where the pre-fill computes no logits)."""
     total, past = 0, past_tokens
     for m in chunk_tokens:
-        total += prefill_macs(shape, m, past)
+        total += prefill_macs(shape, m, past, logits_tokens)
         past += m
     return total

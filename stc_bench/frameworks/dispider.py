@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
-from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, encode_steps, tower_site, vit_shape
+from stc_bench.frameworks.parts import TowerShape, chunk_kinds, chunk_starts, embedding_macs, encode_steps, tower_site, vit_shape
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.methods import get_method
 from stc_bench.methods.method import TOWER, Arm
@@ -82,8 +82,11 @@ class DispiderPipeline:
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """ViT multiply-adds under the arm (CLS included)."""
-        return {"vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower, prefix_tokens=1), frames)}
+        """ViT multiply-adds: patch embedding on every frame + the encoder layers under the arm (CLS
+        included); the class token, position embeddings and pre/post LayerNorms cost no MACs."""
+        tower = self.shape.tower
+        return {"vit": embedding_macs(tower, frames)
+                + get_method(arm.method).tower_macs(arm, vit_shape(tower, prefix_tokens=1), frames)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> DispiderPipeline:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stc.flops import LLMShape, ViTShape, streamed_prefill_macs
+from stc.flops import LLMShape, ViTShape, patch_embedding_macs, patch_merger_macs, streamed_prefill_macs
 from stc.integrations import batched_attention
 from stc_bench.device import host_resident
 from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
@@ -220,13 +220,18 @@ class LiveCCPipeline:
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """Tower blocks per temporal group under the arm (the merger is identical in every arm and
-        left out) and the pre-fill of the tokens each step sent."""
+        """Multiply-adds of each timed stage. vit, per temporal group: the patch embedding (a Conv3d
+        over 2 frames) on every token, the blocks under the arm, the PatchMerger on every token
+        (every arm leaves the whole grid); LayerNorms and rotary embeddings cost no MACs. prefill:
+        the decoder on the tokens each step sent (turn-text embedding: a lookup; no logits)."""
         v = self.shape.vision
         groups = sum(-(-(end - start) // v.temporal_patch) for start, end in self.steps(frames, chunk_frames))
         shape = ViTShape(tokens=v.tokens, width=v.width, mlp_width=v.width * v.mlp_ratio, layers=v.depth)
-        return {"vit": get_method(arm.method).tower_macs(arm, shape, groups),
-                "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps)}
+        tokens = groups * v.tokens
+        outside = (patch_embedding_macs(tokens, v.width, v.patch_size, temporal_patch=v.temporal_patch)
+                   + patch_merger_macs(tokens, v.width, v.out_width, v.merge))
+        return {"vit": outside + get_method(arm.method).tower_macs(arm, shape, groups),
+                "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, logits_tokens=0)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> LiveCCPipeline:

@@ -10,7 +10,7 @@ from torch import nn
 
 import stc
 from stc.cacher import CacherStats
-from stc.flops import LLMShape, ViTShape
+from stc.flops import LLMShape, ViTShape, patch_embedding_macs
 from stc_bench.frameworks.weights import build_random
 from stc_bench.methods.method import HookSite, MethodStream
 
@@ -115,6 +115,14 @@ def vit_shape(shape: TowerShape, prefix_tokens: int = 0) -> ViTShape:
     """The FLOP-model shape of a tower (prefix tokens, e.g. CLS, on top of the patches)."""
     return ViTShape(tokens=shape.grid**2 + prefix_tokens, width=shape.width, mlp_width=shape.mlp,
                     layers=shape.layers, prefix_tokens=prefix_tokens)
+
+
+def embedding_macs(shape: TowerShape, frames: int) -> int:
+    """MACs of a SigLIP/CLIP tower's work outside its encoder layers on ``frames`` frames: the
+    patch embedding on every patch of every frame (each arm pays it alike). The rest costs no
+    MACs: position-embedding lookup and add, CLIP's class token and pre/post LayerNorms,
+    SigLIP's post-LayerNorm (no pooling head is built)."""
+    return patch_embedding_macs(frames * shape.grid**2, shape.width, shape.patch_size)
 
 
 class CausalLM:

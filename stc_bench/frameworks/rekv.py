@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stc.flops import LLMShape, streamed_prefill_macs
+from stc.flops import LLMShape, projector_macs, streamed_prefill_macs
 from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
 from stc_bench.frameworks.parts import (
     SIGLIP_QWEN2,
@@ -26,6 +26,7 @@ from stc_bench.frameworks.parts import (
     chunk_kinds,
     chunk_starts,
     describe_llm,
+    embedding_macs,
     qwen2_config,
     siglip_config,
     tower_site,
@@ -167,11 +168,16 @@ class RekvPipeline:
         return [self.vision_tower, self.projector, *self.llm.modules()]
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """ViT multiply-adds under the arm, and pre-fill of the tokens each step sent; compress is not modelled."""
+        """Multiply-adds of each timed stage. vit: patch embedding on every frame + the encoder layers
+        under the arm (post-LayerNorm: no MACs). compress: the projector on the tokens the tower
+        left (2x2 pooling and the arm's compression hook, scoring and gathers, left out). prefill:
+        the decoder on the tokens each step sent (no logits are computed inside the span)."""
+        tower = self.shape.tower
         return {
-            "vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower), frames),
-            "compress": None,
-            "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, past_tokens=SYSTEM_PROMPT_TOKENS),
+            "vit": embedding_macs(tower, frames) + get_method(arm.method).tower_macs(arm, vit_shape(tower), frames),
+            "compress": projector_macs(out.tokens["vit"], tower.width, self.shape.llm.width),
+            "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, past_tokens=SYSTEM_PROMPT_TOKENS,
+                                             logits_tokens=0),
         }
 
 

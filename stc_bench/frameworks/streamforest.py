@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stc.flops import prefill_macs
+from stc.flops import prefill_macs, projector_macs
 from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
 from stc_bench.frameworks.parts import (
     SIGLIP_QWEN2,
@@ -27,6 +27,7 @@ from stc_bench.frameworks.parts import (
     chunk_kinds,
     chunk_starts,
     describe_llm,
+    embedding_macs,
     encode_steps,
     tower_site,
     vit_shape,
@@ -157,8 +158,13 @@ class StreamForestPipeline:
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """ViT multiply-adds under the arm, and the one pre-fill of memory + prompt."""
-        return {"vit": get_method(arm.method).tower_macs(arm, vit_shape(self.shape.tower), frames), "compress": None,
+        """Multiply-adds of each timed stage. vit: patch embedding on every frame + the encoder layers
+        under the arm (post-LayerNorm: no MACs). compress: the projector on the memory's tokens (the
+        memory's ToMe matching and merges, like ToMe's, left out). prefill: the one pre-fill of
+        memory + prompt (prompt embedding: a lookup; no logits inside the span)."""
+        tower = self.shape.tower
+        return {"vit": embedding_macs(tower, frames) + get_method(arm.method).tower_macs(arm, vit_shape(tower), frames),
+                "compress": projector_macs(out.tokens["compress"], tower.width, self.shape.llm.width),
                 "prefill": sum(prefill_macs(self.shape.llm, m, logits_tokens=0) for m in out.llm_steps)}
 
 
