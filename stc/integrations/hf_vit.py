@@ -171,10 +171,8 @@ def _check_call(args: tuple, kwargs: dict) -> None:
 
 
 def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, graphs, graph_key: tuple,
-                  returns_tuple: bool, original):
+                  returns_tuple: bool):
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
-        if state.passthrough:
-            return original(hidden_states, *args, **kwargs)
         _check_call(args, kwargs)
         y = cached_layer_forward(ops, hidden_states, layer_index, state, graphs, graph_key)
         return (y,) if returns_tuple else y
@@ -187,8 +185,7 @@ def _make_forward(ops: HFViTLayerOps, layer_index: int, state: CacherState, grap
       branch outputs; selective frames recompute queries, values, attention and MLP only for
       their most-changed tokens and take the rest from the reference;
     - attention runs through ``F.scaled_dot_product_attention`` on the layer's own projections;
-    - attention masks and ``output_attentions`` are rejected; dropout is not applied;
-    - a call outside the stream (an image through a whole model) runs the original forward.
+    - attention masks and ``output_attentions`` are rejected; dropout is not applied.
     """
     forward._stc_layer_index = layer_index
     return forward
@@ -281,13 +278,13 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
             name = _forward_attribute(layer)
             original = getattr(layer, name)
             if qwen:
-                forward = _unless_passthrough(state, qwen2_vl.make_block_forward(layer, i, state, graphs), original)
+                streamed = qwen2_vl.make_block_forward(layer, i, state, graphs)
             else:
                 returns_tuple = "output_attentions" in inspect.signature(original).parameters  # 4.x layers
                 ops = HFViTLayerOps(layer, PREFIX_TOKENS[kind])
                 graph_key = _weights_key(layer) if graphs is not None else ()
-                forward = _make_forward(ops, i, state, graphs, graph_key, returns_tuple, original)
-            handle._replace(layer, name, forward)
+                streamed = _make_forward(ops, i, state, graphs, graph_key, returns_tuple)
+            handle._replace(layer, name, _unless_passthrough(state, streamed, original))
     except BaseException:  # never leave a half-patched model behind
         handle.detach()
         raise
