@@ -129,7 +129,13 @@ class RunResult:
 
     def flop_reduction(self, arm: ArmResult, stage: str) -> float | None:
         """``1 - macs(arm) / macs(baseline)`` of a stage; None for the baseline or where not modelled."""
-        return _flop_reduction(self.baseline_facts(arm.frames), arm, stage)
+        base = self.baseline_facts(arm.frames)
+        if base is None or arm.arm.is_baseline:
+            return None
+        before, after = base.macs.get(stage), arm.macs.get(stage)
+        if not before or after is None:
+            return None
+        return 1.0 - after / before
 
     def baseline_facts(self, frames: int) -> ArmResult | None:
         """The baseline's exact facts at ``frames`` frames."""
@@ -161,7 +167,6 @@ class RunResult:
         knob_names = list(dict.fromkeys(name for a in self.arms for name, _ in a.arm.knobs))
         rows = []
         for facts in self.arms:
-            base_facts = self.baseline_facts(facts.frames)
             for stage in self.stages:
                 m = self.measurement(facts.frames, facts.arm, stage)
                 if m is None:
@@ -176,7 +181,7 @@ class RunResult:
                     "tokens": facts.tokens.get(stage), "macs": facts.macs.get(stage),
                 }
                 r = self.reduction(facts, stage)
-                flop = _flop_reduction(base_facts, facts, stage)
+                flop = self.flop_reduction(facts, stage)
                 row.update({
                     "reduction_min": r.on_min if r else None, "reduction_median": r.on_median if r else None,
                     "ci_low": r.ci_low if r else None, "ci_high": r.ci_high if r else None, "pairs": r.pairs if r else None,
@@ -199,7 +204,7 @@ class RunResult:
                     summaries.append({"frames": facts.frames, "arm": facts.arm.to_dict(), "stage": stage,
                                       "reduction_min": r.on_min, "reduction_median": r.on_median, "ci_low": r.ci_low,
                                       "ci_high": r.ci_high,
-                                      "flop_reduction": _flop_reduction(self.baseline_facts(facts.frames), facts, stage)})
+                                      "flop_reduction": self.flop_reduction(facts, stage)})
         return {
             **copy.deepcopy(self.extra),
             "schema_version": SCHEMA_VERSION,
@@ -237,16 +242,6 @@ class RunResult:
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename), so a crash never leaves a torn results.json."""
         write_json_atomically(path, self.to_dict())
-
-
-def _flop_reduction(base: ArmResult | None, arm: ArmResult, stage: str) -> float | None:
-    """``1 - macs(arm) / macs(baseline)`` of a stage; None for the baseline or where MACs are not modelled."""
-    if base is None or arm.arm.is_baseline:
-        return None
-    before, after = base.macs.get(stage), arm.macs.get(stage)
-    if not before or after is None:
-        return None
-    return 1.0 - after / before
 
 
 def upgrade_schema_1(d: dict[str, Any]) -> dict[str, Any]:
