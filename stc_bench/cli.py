@@ -14,6 +14,7 @@ import errno
 import inspect
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,6 +140,8 @@ def _framework_command(framework: str):
     command.__signature__ = _signature([], {}, [])
     command.__doc__ = f"Benchmark {framework}: the baseline and every arm (--arms), interleaved, with a report folder."
     return command
+
+
 def _utc_stamp() -> str:
     """The run folder's time stamp, e.g. 20261124T031510Z."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -394,7 +397,7 @@ def report_command(
     from stc_bench.errors import BenchUsageError
     from stc_bench.report import write_report
     from stc_bench.report.terminal import render_tables
-    from stc_bench.results import load_results, results_file
+    from stc_bench.results import load_results, results_file, write_atomically
     from stc_bench.run_folder import FolderBusy, RunFolder
 
     try:
@@ -412,7 +415,7 @@ def report_command(
         with RunFolder(folder).locked():
             write_report(result, folder, results=False)
             if not target.exists():
-                _copy_atomically(source, target)  # the rendered folder is a run folder of its own
+                write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))  # the rendered folder is a run folder of its own
     except FolderBusy as err:
         raise fail(str(err)) from None
     except OSError as err:
@@ -429,22 +432,6 @@ def _same_results(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or os.path.samefile(a, b) or a.read_bytes() == b.read_bytes()
     except OSError:
         return False
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    """Copy ``source`` byte for byte to ``target`` through a temp file and a rename."""
-    import shutil
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".results-", suffix=".json")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command("env")

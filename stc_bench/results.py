@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,19 +274,34 @@ def upgrade_schema_1(d: dict[str, Any]) -> dict[str, Any]:
     return {**d, "schema_version": SCHEMA_VERSION, "measurements": measurements, "arms": arms}
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + rename, so a crash or a full disk never leaves a torn
-    file: on any error the temp file is removed and ``path`` keeps its previous content."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path | None:
+    """``write(temp)`` into a temp file beside ``path`` (same suffix), then rename it to ``path``,
+    so a crash or a full disk never leaves a torn file: on any error the temp file is removed and
+    ``path`` keeps its previous content. When ``write`` returns False it had nothing to write:
+    ``path`` is left alone and None returned; else ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=True)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        if write(Path(tmp)) is False:
+            os.unlink(tmp)
+            return None
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through ``write_atomically``."""
+
+    def dump(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=True)
+
+    write_atomically(path, dump)
 
 
 def results_file(path: str | Path) -> Path:

@@ -6,32 +6,10 @@ file as it was or whole, never torn.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from stc_bench.results import RunResult
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> Path | None:
-    """``write(temp)`` into a temp file beside ``path`` (same suffix), then rename it to ``path``;
-    when ``write`` returns False it had nothing to write: ``path`` is left alone and None returned."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        if write(Path(tmp)) is False:
-            os.unlink(tmp)
-            return None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+from stc_bench.results import RunResult, write_atomically
 
 
 def write_report(result: RunResult, folder: Path, plots: bool = True, results: bool = True) -> list[Path]:
@@ -57,11 +35,11 @@ def write_report(result: RunResult, folder: Path, plots: bool = True, results: b
         result.save(written[0])
     for name, table in (("samples.csv", samples_table), ("summary.csv", summary_table), ("reductions.csv", reduction_table)):
         frame = table(result)
-        written.append(_write_atomically(folder / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False)))
+        written.append(write_atomically(folder / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False)))
     images = []
 
     def plot(draw: Callable[..., Path | None], name: str, *args) -> None:
-        path = _write_atomically(folder / name, lambda tmp: draw(result, *args, tmp) is not None)  # None: nothing to draw
+        path = write_atomically(folder / name, lambda tmp: draw(result, *args, tmp) is not None)  # None: nothing to draw
         if path is not None:
             images.append(path)
 
@@ -79,5 +57,5 @@ def write_report(result: RunResult, folder: Path, plots: bool = True, results: b
             plot(plot_pareto, "pareto.png")
     written += images
     markdown = render_markdown(result, [p.name for p in images])
-    written.append(_write_atomically(folder / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8")))
+    written.append(write_atomically(folder / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8")))
     return written
