@@ -251,9 +251,7 @@ def _measure_and_report(config: BenchConfig, folder, created: bool, resume=None,
 
         try:
             result = run_benchmark(config, progress=progress, folder=folder, resume=resume, retry_failed=retry_failed)
-        except BenchUsageError as err:
-            if created:
-                folder.discard()  # only this run's files: nothing was measured
+        except BenchUsageError as err:  # raised before anything was measured: run_and_report removes a new folder
             raise fail(str(err)) from None
         except KeyboardInterrupt:
             bar.stop()
@@ -279,9 +277,9 @@ def _measure_and_report(config: BenchConfig, folder, created: bool, resume=None,
 
 
 def _interrupted(folder, created: bool) -> typer.Exit:
-    """Ctrl-C before anything new was measured: no run folder kept (new run), or the folder as it was (resume)."""
+    """Ctrl-C before anything new was measured: no run folder kept (new run: run_and_report removes
+    a folder that holds nothing), or the folder as it was (resume)."""
     if created:
-        folder.discard()
         return fail("interrupted (Ctrl-C) before anything was measured; no run folder was kept", INTERRUPTED)
     return fail(f"interrupted (Ctrl-C) before anything new was measured; {folder.path} keeps what it held "
                 f"(continue with: {_resume_hint(folder)})", INTERRUPTED)

@@ -143,7 +143,7 @@ def check_token_budgets(config: BenchConfig, arms: list[Arm], site: HookSite) ->
         budget = dict(arm.knobs).get("tokens_per_frame")
         if budget is None or budget <= per_frame:
             continue
-        overridden = any(o.replace(" ", "").startswith(f"{arm.method}:tokens_per_frame=") for o in config.arm_overrides)
+        overridden = any(parse_arm_override(o)[:2] == (arm.method, "tokens_per_frame") for o in config.arm_overrides)
         option = f"--arm {arm.method}:tokens_per_frame={budget}" if overridden else f"--tokens-per-frame {budget}"
         raise BenchUsageError(f"{option}: a frame has {per_frame} tokens on {config.framework} {where}, so {arm.method} "
                               f"would keep them all; pass {per_frame} or fewer")
