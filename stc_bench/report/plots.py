@@ -43,9 +43,7 @@ def plot_latency(result: RunResult, path: Path) -> Path:
     fig.suptitle(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
                  "latency per repeat, every arm", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
@@ -78,9 +76,7 @@ def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.set_title(f"Per-chunk ViT latency, {frames} frames", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 KNOBS = {"ratio": "update ratio", "interval": "cache interval", "tokens_per_frame": "tokens per frame", "frames": "frames"}
@@ -109,6 +105,13 @@ def _curves(result: RunResult, knob: str) -> dict[str, list[ArmResult]]:
         label = ", ".join(f"{k.replace('tokens_per_frame', 'k')}={_knob_value(a, k):g}" for k in others) or "all"
         groups.setdefault(label, []).append(a)
     return {label: sorted(arms, key=lambda a: _knob_value(a, knob)) for label, arms in groups.items()}
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the figure to ``path`` as PNG and free it (pyplot keeps every open figure)."""
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _legend_below(fig, ax) -> None:
@@ -149,9 +152,7 @@ def plot_reduction_vs_knob(result: RunResult, knob: str, path: Path) -> Path:
     fig.suptitle(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
                  f"reduction vs {KNOBS[knob]}", fontsize=10)
     _legend_below(fig, axes[0][0])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_latency_vs_frames(result: RunResult, path: Path) -> Path:
@@ -172,9 +173,7 @@ def plot_latency_vs_frames(result: RunResult, path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result.config.framework}: median latency vs frames", fontsize=10)
     _legend_below(fig, axes[0][0])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_fidelity_vs_ratio(result: RunResult, path: Path) -> Path:
@@ -194,9 +193,7 @@ def plot_fidelity_vs_ratio(result: RunResult, path: Path) -> Path:
     weights = "random weights" if result.run["weights"] == "random" else "checkpoint weights"
     fig.suptitle(f"Fidelity vs update ratio ({weights})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(result: RunResult, path: Path) -> Path | None:
@@ -229,6 +226,4 @@ def plot_pareto(result: RunResult, path: Path) -> Path | None:
     ax.set_title(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
                  "speed vs fidelity per arm", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
