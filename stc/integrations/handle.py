@@ -23,6 +23,12 @@ class _Replacement:
     previous: Any  # _ABSENT when the attribute was not in the instance's __dict__
 
 
+def forward_attribute(module: nn.Module) -> str:
+    """The attribute a patch replaces to change ``module``'s forward on the instance:
+    ``_old_forward`` when accelerate hooked the module (its hook calls that), else ``forward``."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
 class PatchHandle:
     """Instance attributes replaced on a tower and its layers, and how to restore them exactly."""
 

@@ -28,7 +28,7 @@ from stc.cacher.stream import cached_layer_forward
 from stc.config import CacherConfig
 from stc.errors import STCError, UnsupportedModelError
 from stc.integrations import qwen2_vl, vlm
-from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle, PatchHandle
+from stc.integrations.handle import HANDLE_ATTRIBUTE, CacherHandle, PatchHandle, forward_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +270,12 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     try:
         if whole_model is not None:
             vlm.patch_entries(handle, *whole_model, state)
-        name = _forward_attribute(tower)
+        name = forward_attribute(tower)
         original = getattr(tower, name)
         streamed = qwen2_vl.make_tower_forward(original, state) if qwen else original
         handle._replace(tower, name, _guard_tower(state, streamed, original))
         for i, layer in enumerate(layers):
-            name = _forward_attribute(layer)
+            name = forward_attribute(layer)
             original = getattr(layer, name)
             if qwen:
                 streamed = qwen2_vl.make_block_forward(layer, i, state, graphs)
@@ -316,17 +316,12 @@ def attach_batched_attention(model: nn.Module) -> PatchHandle:
         existing.detach()
     handle = PatchHandle(tower)
     shape = qwen2_vl.CallShape()
-    name = _forward_attribute(tower)
+    name = forward_attribute(tower)
     handle._replace(tower, name, qwen2_vl.make_tower_forward(getattr(tower, name), shape))
     for layer in layers:
-        handle._replace(layer, _forward_attribute(layer), qwen2_vl.make_batched_block_forward(layer, shape))
+        handle._replace(layer, forward_attribute(layer), qwen2_vl.make_batched_block_forward(layer, shape))
     handle._install()
     return handle
-
-
-def _forward_attribute(module: nn.Module) -> str:
-    """``_old_forward`` when accelerate hooked the module (its hook calls it), else ``forward``."""
-    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
 def detach_cacher(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stc.integrations.handle import HANDLE_ATTRIBUTE, PatchHandle
+from stc.integrations.handle import HANDLE_ATTRIBUTE, PatchHandle, forward_attribute
 from stc_bench.methods.method import TOWER, Arm, HookSite, Knob, MethodSpec, MethodStream, at_least_one
 
 
@@ -295,11 +295,6 @@ def _make_forward(layer: nn.Module, index: int, state: ToMeState, returns_tuple:
     return forward
 
 
-def _forward_attribute(module: nn.Module) -> str:
-    """``_old_forward`` when accelerate hooked the module (its hook calls it), else ``forward``."""
-    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
-
-
 class ToMeHandle(PatchHandle):
     """ToMe attached to a CLIP/SigLIP tower: the last call's token sizes and counts; ``detach()``
     restores the tower exactly (the bookkeeping of STC's own patches)."""
@@ -375,7 +370,7 @@ def attach_tome(model: nn.Module, schedule: Sequence[int]) -> ToMeHandle:
     handle = ToMeHandle(tower, state)
     try:
         for i, layer in enumerate(layers):
-            name = _forward_attribute(layer)
+            name = forward_attribute(layer)
             returns_tuple = "output_attentions" in inspect.signature(getattr(layer, name)).parameters  # 4.x layers
             handle._replace(layer, name, _make_forward(layer, i, state, returns_tuple))
         handle._install()

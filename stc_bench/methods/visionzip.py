@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stc.integrations.handle import forward_attribute
 from stc_bench.methods.method import COMPRESS, TOWER, Arm, HookSite, Knob, MethodSpec, MethodStream, at_least_one
 
 CONTEXTUAL_SHARE = 10 / 64
@@ -155,7 +156,7 @@ class SelectionCapture:
     @contextlib.contextmanager
     def attached(self):
         """Record every call of the selection layer while the block runs; restore it after."""
-        name = "_old_forward" if hasattr(self.layer, "_hf_hook") and hasattr(self.layer, "_old_forward") else "forward"
+        name = forward_attribute(self.layer)
         had = name in self.layer.__dict__
         previous = self.layer.__dict__.get(name)
         original = getattr(self.layer, name)
