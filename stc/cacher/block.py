@@ -50,7 +50,13 @@ class LayerReference:
     mlp: torch.Tensor
 
     def frame(self, i: int) -> LayerReference:
-        """The reference of frame ``i`` alone, as an owned (1, n, d) copy (drops the batch)."""
+        """The reference of frame ``i`` alone, (1, n, d) per tensor, owning only its own frame.
+
+        A one-frame batch is returned as it is: its tensors are the forward's own outputs, which
+        nothing writes into later (the common one-frame refresh step then copies nothing). A
+        frame of a larger batch is copied out, so the stored reference does not keep the batch."""
+        if self.keys.shape[0] == 1:
+            return self
         return LayerReference(*(t[i : i + 1].clone() for t in (self.keys, self.values, self.attn, self.mlp)))
 
     def gather(self, frames: torch.Tensor) -> LayerReference:
@@ -92,9 +98,29 @@ def plain_forward(ops: LayerOps, x: torch.Tensor) -> torch.Tensor:
     return x + ops.mlp(ops.norm2(x))
 
 
-def _rows(index: torch.Tensor, width: int) -> torch.Tensor:
-    """(S, r) token indices -> (S, r, width) indices for gather/scatter along the token axis."""
-    return index.unsqueeze(-1).expand(-1, -1, width)
+def flat_rows(index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(S, r) token indices of S frames of ``tokens`` tokens -> (S * r,) row numbers in the frames'
+    (S * tokens, d) flattened view, so one ``index_select``/``index_copy_`` moves whole rows (a
+    gather/scatter with an expanded (S, r, d) index reads an index per element instead)."""
+    frames = index.shape[0]
+    if frames == 1:
+        return index.view(-1)                                          # the one-frame step: no kernel
+    offsets = torch.arange(0, frames * tokens, tokens, device=index.device)    # (S,)
+    return (index + offsets.unsqueeze(1)).view(-1)                     # (S * r,)
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (S * r,) of t (S, n, d), as a new contiguous (S, r, d) tensor."""
+    frames, tokens, width = t.shape
+    return t.reshape(frames * tokens, width).index_select(0, rows).view(frames, -1, width)
+
+
+def with_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A new contiguous copy of base (S, n, d) (which may be a broadcast one-frame reference)
+    whose rows ``rows`` (S * r,) are replaced by values (S, r, d); ``base`` is left untouched."""
+    out = base.clone(memory_format=torch.contiguous_format)                    # (S, n, d), never base itself
+    out.view(-1, out.shape[-1]).index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
+    return out
 
 
 def selective_forward(
@@ -111,17 +137,26 @@ def selective_forward(
     this layer scores its fresh keys against the reference keys and picks the ``count`` least
     similar patch tokens (plus the prefix tokens); otherwise it reuses ``index`` (S, r), chosen by
     an earlier layer. Returns the layer output (S, n, d) and the index used (S, r).
+
+    Bit for bit the layer forward with the reference's values, attention and MLP outputs in
+    place of the unselected tokens' own. Rows move with ``index_select``/``index_copy_``, and
+    both residual adds write into tensors this forward owns: ``x`` itself is never written (a
+    tower that returns hidden states still holds it).
     """
     h = ops.norm1(x)                                  # (S, n, d)
     k = ops.key(h)                                    # (S, n, d): keys of every token stay fresh
     if index is None:
         similarity = token_similarity(k, reference.keys, metric)               # (S, n)
         index = select_changed_tokens(similarity, count, ops.prefix_tokens)    # (S, r)
-    rows = _rows(index, h.shape[-1])
-    h_sel = h.gather(1, rows)                         # (S, r, d)
-    v_sel = ops.value(h_sel)                          # (S, r, d)
-    v = reference.values.scatter(1, _rows(index, v_sel.shape[-1]), v_sel)      # (S, n, d)
+    rows = flat_rows(index, x.shape[1])               # (S * r,)
+    h_sel = take_rows(h, rows)                        # (S, r, d)
+    v = with_rows(reference.values, rows, ops.value(h_sel))                    # (S, n, d)
     a_sel = ops.attend(ops.query(h_sel, index), k, v)                          # (S, r, d)
-    x = x + reference.attn.scatter(1, rows, a_sel)    # residual: the frame's own x for all tokens
-    m_sel = ops.mlp(ops.norm2(x.gather(1, rows)))     # (S, r, d); LN is per token, so gather first
-    return x + reference.mlp.scatter(1, rows, m_sel), index
+    # x + a, with a the reference's attention output and fresh rows; a + x == x + a bit for bit
+    x = with_rows(reference.attn, rows, a_sel).add_(x)                         # (S, n, d)
+    x_sel = take_rows(x, rows)                        # (S, r, d); LN is per token, so take rows first
+    m_sel = ops.mlp(ops.norm2(x_sel))                 # (S, r, d)
+    # x + m: unselected rows add the reference's MLP output, selected rows their fresh one
+    y = x.add_(reference.mlp)                         # (S, n, d); selected rows are overwritten next
+    y.view(-1, y.shape[-1]).index_copy_(0, rows, x_sel.add_(m_sel).view(-1, y.shape[-1]))
+    return y, index

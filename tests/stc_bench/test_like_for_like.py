@@ -12,18 +12,13 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
 from stc_bench.measurement import BASELINE
 from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
-
-METADATA_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand",
-                "aten.unsqueeze", "aten.squeeze", "aten.t", "aten.detach", "aten.alias", "aten.slice", "aten.select",
-                "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.as_strided"}
-"""Operators that only make a new view of the same memory: they launch nothing."""
+from tests.dispatch import METADATA_OPS, OpCounter
 
 NULL_ARM = get_method("stc").arm(ratio=0.25, interval=1)
 
@@ -44,18 +39,6 @@ class ViTSpanTimer(StageTimer):
             with OpCounter() as counter:
                 yield
             self.counts.update(counter.counts)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every operator dispatched while active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def kernels_of_one_pass(pipeline, clip, arm) -> collections.Counter:
