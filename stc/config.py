@@ -74,6 +74,9 @@ class CacherConfig:
     """"shared": the first layer picks the dynamic tokens for all layers; "per_layer": each layer."""
     cuda_graph: bool = False
     """Replay selective layers from CUDA graphs (GPU only; falls back to eager elsewhere)."""
+    compile: bool = False
+    """Run selective layers through ``torch.compile`` (mode "reduce-overhead" on CUDA): fewer,
+    fused kernels, after a one-time compilation of seconds to a minute on the first frames."""
 
     def __post_init__(self) -> None:
         _require_number("update_ratio", self.update_ratio, lambda r: 0.0 < r <= 1.0, "in (0, 1]", 0.25)
@@ -81,6 +84,11 @@ class CacherConfig:
         _require_choice("metric", self.metric, METRICS)
         _require_choice("selection", self.selection, SELECTIONS)
         _require_bool("cuda_graph", self.cuda_graph)
+        _require_bool("compile", self.compile)
+        if self.cuda_graph and self.compile:
+            raise ConfigError(
+                "cuda_graph=True and compile=True are two ways to cut the same launches: choose one "
+                "(compile on CUDA replays CUDA graphs of its own)", "at most one of cuda_graph and compile")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("metric", Annotated[str, _option("--metric", help=f"STC-Cacher token-change metric: {', '.join(METRICS)}.")], "cosine"),
     ("selection", Annotated[str, _option("--selection", help=f"STC-Cacher: {', '.join(SELECTIONS)} (shared = the first layer picks the tokens for all).")], "shared"),
     ("cuda_graph", Annotated[bool, _option("--cuda-graph/--no-cuda-graph", help="Replay selective ViT layers from CUDA graphs (GPU only).")], False),
+    ("compile", Annotated[bool, _option("--compile/--no-compile", help="Run STC-Cacher's selective ViT layers through torch.compile (reduce-overhead mode on CUDA); the prepare pass absorbs the one-time compilation (seconds to a minute). Not with --cuda-graph.")], False),
     ("dtype", Annotated[str, _option("--dtype", help=f"Compute dtype: {', '.join(DTYPES)}. auto = float16 on CUDA, float32 on CPU.")], "auto"),
     ("gpu", Annotated[Optional[int], _option("--gpu", help="Run on CUDA device N (same as --device cuda:N).")], None),
     ("device", Annotated[str, _option("--device", help="auto, cpu, cuda or cuda:N. auto = cuda:0 when CUDA is available, else cpu.")], "auto"),

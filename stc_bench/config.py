@@ -71,6 +71,8 @@ class BenchConfig:
     metric: str = "cosine"
     selection: str = "shared"
     cuda_graph: bool = False
+    compile: bool = False
+    """torch.compile the cacher's selective layers (not with cuda_graph)."""
     seed: int = 0
     video: str | None = None
     fps: float = 0.5
@@ -119,6 +121,8 @@ class BenchConfig:
             _fail("--chunk-frames", self.chunk_frames, "a whole number >= 1")
         if not self.fps > 0:
             _fail("--fps", self.fps, "> 0")
+        if self.compile and self.cuda_graph:
+            _fail("--compile", "with --cuda-graph", "used without --cuda-graph (on CUDA, compile replays graphs of its own)")
         if not self.arms:
             _fail("--arms", "(none)", "one or more of " + ", ".join(METHOD_MODULES))
         for method in self.arms:
@@ -133,7 +137,7 @@ class BenchConfig:
                 _fail("--arm", override, f"a setting of a measured method: add {method} to --arms")
             if method in ("baseline", "stc"):
                 _fail("--arm", override, "a peer's knob: the baseline has none, and STC's are --ratio, --interval, "
-                      "--tokens-per-frame, --metric, --selection, --cuda-graph")
+                      "--tokens-per-frame, --metric, --selection, --cuda-graph, --compile")
         if self.checkpoint is not None and self.scale not in ("auto", "full"):
             _fail("--scale", self.scale, "auto or full with --checkpoint (the checkpoint fixes the architecture)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from stc.cacher.block import LayerOps, LayerReference, full_forward, plain_forward, selective_forward
+from stc.cacher.compiled import compiled_selective_forward
 from stc.cacher.graph import SelectiveGraphs
 from stc.cacher.state import CacherState
 from stc.core import dynamic_token_count
@@ -75,6 +76,8 @@ def cached_layer_forward(
         index = plan.index if shared else None
         if graphs is not None:
             y_sel, index = graphs.run((layer_index, *graph_key), ops, x_sel, frame_refs, count, config.metric, index)
+        elif config.compile:
+            y_sel, index = compiled_selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
         else:
             y_sel, index = selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
         if layer_index == 0:

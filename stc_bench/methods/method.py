@@ -113,8 +113,16 @@ class Arm:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Arm:
-        """Inverse of ``to_dict``."""
-        return cls(data["method"], tuple(data.get("knobs", {}).items()))
+        """Inverse of ``to_dict``. A knob the method gained after the file was written takes its
+        default, which is what that run used, so old results resume and compare as they ran."""
+        from stc_bench.methods import METHOD_MODULES, get_method
+
+        knobs = dict(data.get("knobs", {}))
+        if data["method"] in METHOD_MODULES:
+            spec = get_method(data["method"])
+            known = [(k.name, knobs.pop(k.name, k.default)) for k in spec.knobs]
+            return cls(data["method"], (*known, *knobs.items()))
+        return cls(data["method"], tuple(knobs.items()))
 
 
 @dataclass

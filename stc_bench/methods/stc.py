@@ -16,7 +16,8 @@ from stc_bench.methods.method import COMPRESS, TOWER, Arm, HookSite, Knob, Metho
 def cacher_config(arm: Arm) -> stc.CacherConfig:
     """The STC-Cacher settings of an STC arm."""
     return stc.CacherConfig(update_ratio=arm.knob("ratio"), cache_interval=arm.knob("interval"), metric=arm.knob("metric"),
-                            selection=arm.knob("selection"), cuda_graph=arm.knob("cuda_graph"))
+                            selection=arm.knob("selection"), cuda_graph=arm.knob("cuda_graph"),
+                            compile=arm.knob("compile"))
 
 
 class STCStream(MethodStream):
@@ -75,6 +76,7 @@ METHOD = MethodSpec(
         Knob("metric", str, "cosine", "STC-Cacher token-change metric", check=_one_of(METRICS)),
         Knob("selection", str, "shared", "STC-Cacher: shared (first layer picks) or per_layer", check=_one_of(SELECTIONS)),
         Knob("cuda_graph", bool, False, "STC-Cacher: replay selective layers from CUDA graphs"),
+        Knob("compile", bool, False, "STC-Cacher: run selective layers through torch.compile"),
     ),
     hooks=frozenset({TOWER, COMPRESS}),
     stream=STCStream,

@@ -22,6 +22,9 @@ from stc import CacherConfig, PrunerConfig, STCConfig, STCError
         (dict(selection="all"), "selection='all' is not a valid choice: selection must be one of 'shared', 'per_layer'"),
         (dict(cuda_graph="yes"), "cuda_graph='yes' is not a boolean: cuda_graph must be True or False"),
         (dict(cuda_graph=1), "cuda_graph=1 is not a boolean: cuda_graph must be True or False"),
+        (dict(compile="yes"), "compile='yes' is not a boolean: compile must be True or False"),
+        (dict(compile=True, cuda_graph=True), "cuda_graph=True and compile=True are two ways to cut the same launches: "
+                                              "choose one (compile on CUDA replays CUDA graphs of its own)"),
     ],
 )
 def test_cacher_config_errors_name_field_value_and_range(kwargs, message):

@@ -22,6 +22,7 @@ from stc_bench.config import BenchConfig, STCPoint
         (dict(seed=2**63), f"--seed {2**63}: must fit in 64 bits"),
         (dict(chunk_frames=0), "--chunk-frames 0: must be a whole number >= 1"),
         (dict(checkpoint="/x", scale="small"), "--scale small: must be auto or full with --checkpoint"),
+        (dict(compile=True, cuda_graph=True), "--compile with --cuda-graph: must be used without --cuda-graph"),
     ],
 )
 def test_bad_values_name_the_option(kwargs, message):
