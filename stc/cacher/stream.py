@@ -47,9 +47,18 @@ def cached_layer_forward(
     refreshed = len(plan.refresh_frames)
     selected = len(plan.selective_frames)
 
+    layer_key = (layer_index, *graph_key)
+    graphed = graphs is not None and graphs.active_for(x)
+
+    def keep(reference: LayerReference, frame: int) -> LayerReference:
+        """The reference later frames read: in a graph's reference slot when graphs replay."""
+        if graphed:
+            return graphs.keep_reference(layer_key, reference, frame, state.references[layer_index])
+        return reference.frame(frame)
+
     if selected == 0 and plan.keeps_references:  # only refresh frames: keep the last as reference
         y, reference = full_forward(ops, x)
-        state.references[layer_index] = reference.frame(frames - 1)
+        state.references[layer_index] = keep(reference, frames - 1)
     elif selected == 0 or count >= patch_tokens:  # nothing to keep: the unpatched layer's work, exactly
         y = plain_forward(ops, x)
     else:
@@ -65,7 +74,7 @@ def cached_layer_forward(
             y_refresh, reference = full_forward(ops, x.index_select(0, plan.refresh))    # (R, n, d)
             y.index_copy_(0, plan.refresh, y_refresh)
             sources.append(reference)
-            state.references[layer_index] = reference.frame(refreshed - 1)
+            state.references[layer_index] = keep(reference, refreshed - 1)
         if len(sources) == 1 and sources[0].keys.shape[0] == 1:  # one reference for all frames
             frame_refs = sources[0].expand(selected)
         else:  # pool [stored?, refresh frames of the call] and pick each frame's own
@@ -75,7 +84,7 @@ def cached_layer_forward(
         x_sel = x.index_select(0, plan.selective) if refreshed else x                    # (S, n, d)
         index = plan.index if shared else None
         if graphs is not None:
-            y_sel, index = graphs.run((layer_index, *graph_key), ops, x_sel, frame_refs, count, config.metric, index)
+            y_sel, index = graphs.run(layer_key, ops, x_sel, frame_refs, count, config.metric, index)
         elif config.compile:
             y_sel, index = compiled_selective_forward(ops, x_sel, frame_refs, count, config.metric, index)
         else:
@@ -83,7 +92,10 @@ def cached_layer_forward(
         if layer_index == 0:
             plan.index = index
         if y is None:
-            y = y_sel
+            # A replayed graph's output is its own buffer, overwritten by the next frame: fine for
+            # the next layer, which reads it now, but the tower's output must outlive the call.
+            last = layer_index == state.num_layers - 1
+            y = y_sel.clone() if graphed and last else y_sel
         else:
             y.index_copy_(0, plan.selective, y_sel)
 

@@ -322,36 +322,37 @@ class _FakeCuda:
 def test_graphs_keep_one_capture_stream_per_device(monkeypatch):
     """torch.cuda.graph's own default stream belongs to the device current at the first capture;
     a capture for another GPU must get a stream of that GPU."""
-    from stc.cacher.graph import SelectiveGraphs
+    from stc.cacher.graph import CUDAGraphBackend
 
     _FakeCuda(monkeypatch)
-    graphs = SelectiveGraphs()
+    backend = CUDAGraphBackend()
     gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
-    first = graphs._capture_stream(gpu0)
-    assert graphs._capture_stream(gpu0) is first and first.device == gpu0
-    assert graphs._capture_stream(gpu1) is not first and graphs._capture_stream(gpu1).device == gpu1
+    first = backend.capture_stream(gpu0)
+    assert backend.capture_stream(gpu0) is first and first.device == gpu0
+    assert backend.capture_stream(gpu1) is not first and backend.capture_stream(gpu1).device == gpu1
 
 
 @pytest.mark.parametrize("fail_capture_end", [False, True])
 def test_capture_names_its_stream_and_puts_the_callers_stream_back(monkeypatch, fail_capture_end):
-    from stc.cacher.graph import SelectiveGraphs
+    from stc.cacher.graph import CUDAGraphBackend, SelectiveGraphs
 
     ops, inputs = _one_layer_inputs()
     cuda = _FakeCuda(monkeypatch, fail_capture_end)
-    graphs = SelectiveGraphs()
+    backend = CUDAGraphBackend()
+    graphs = SelectiveGraphs(backend)
     if fail_capture_end:
         with pytest.raises(RuntimeError, match="capture_end failed"):
-            graphs._capture(ops, inputs, 56, "cosine")
+            graphs._capture(ops, inputs, [False] * len(inputs), 56, "cosine")
     else:
-        captured = graphs._capture(ops, inputs, 56, "cosine")
+        captured = graphs._capture(ops, inputs, [False] * len(inputs), 56, "cosine")
         assert captured.outputs[0].shape == inputs[0].shape and captured.outputs[1].shape == (1, 56)
-    assert cuda.graph_streams == [graphs._capture_stream(inputs[0].device)]
+    assert cuda.graph_streams == [backend.capture_stream(inputs[0].device)]
     assert cuda.set_streams == [cuda.caller]  # restored even when capture_end raised
 
 
 def test_replay_from_no_grad_of_buffers_made_in_inference_mode():
     """stc-bench captures under inference_mode, so the static buffers are inference tensors; a
-    later call under no_grad must still be able to fill them, and gets normal tensors back."""
+    later call under no_grad must still be able to fill them, and gets the graph's buffers back."""
     from stc.cacher.graph import SelectiveGraphs, _Captured
 
     class DoublingGraph:  # what a captured graph does: read the static inputs, write the static outputs
@@ -366,12 +367,12 @@ def test_replay_from_no_grad_of_buffers_made_in_inference_mode():
         static = [torch.zeros(1, 4, 8), torch.zeros(1, 2, dtype=torch.long)]
         outputs = (torch.zeros(1, 4, 8), torch.zeros(1, 2, dtype=torch.long))
     graphs = SelectiveGraphs()
-    captured = _Captured(graph=DoublingGraph(static, outputs), inputs=static, outputs=outputs)
+    captured = _Captured(replay=DoublingGraph(static, outputs).replay, copies=static, outputs=outputs)
     x, index = torch.randn(1, 4, 8), torch.tensor([[3, 1]])
     with torch.no_grad():
         y, chosen = graphs._replay(captured, [x, index])
     assert torch.equal(y, 2 * x) and torch.equal(chosen, index)
-    assert not y.is_inference() and not chosen.is_inference()
+    assert y is outputs[0] and chosen is outputs[1]  # handed out without a copy
     with torch.inference_mode():
         y, _ = graphs._replay(captured, [x + 1, index])
     assert torch.equal(y, 2 * (x + 1)) and graphs.stats.replays == 2
