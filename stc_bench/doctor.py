@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ import torch
 from stc.integrations.hf_vit import cuda_graphs_refused
 from stc_bench.device import Device, HostSyncError
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
+from stc_bench.launches import PREQUEUE_HEAD_START, launch_verdict, prequeued_pass, sleep_cycles_per_ms, sleep_on
 from stc_bench.timing import StageTimer, wall_clock_ms
 
 if TYPE_CHECKING:
@@ -50,11 +50,6 @@ FP16_TOLERANCE = 2e-2
 """Largest absolute difference allowed between graph replay and eager in fp16."""
 FULL_BUILD_FRAMES = 8
 """Frames streamed through each full build (LiveCC: its 6-frame first step, then one more)."""
-LAUNCH_BOUND_EXCESS = 0.20
-"""A pass whose spans take this much longer than the same work pre-queued behind a sleep kernel
-keeps the GPU waiting for the host's launches."""
-PREQUEUE_HEAD_START = 2.0
-"""The sleep kernel that pre-queues a pass lasts this many times the pass's wall time."""
 
 
 @dataclass(frozen=True)
@@ -98,23 +93,6 @@ def _clip(pipeline: Pipeline, frames: int, device: Device, dtype: torch.dtype) -
     return clip.to(device.torch_device, dtype)
 
 
-def _sleep_on(device: Device, cycles: int) -> None:
-    """Enqueue a kernel that spins ``cycles`` GPU clock cycles on ``device``'s current stream.
-
-    Only the launch runs with ``device`` current: a timer around it must find its device's
-    stream by itself, not by following the current device."""
-    with torch.cuda.device(device.torch_device):
-        torch.cuda._sleep(cycles)
-
-
-def _sleep_cycles_per_ms(device: Device) -> float:
-    """How many ``torch.cuda._sleep`` cycles take one millisecond on ``device`` (wall-clock probe)."""
-    probe_cycles = 10_000_000
-    _sleep_on(device, probe_cycles)  # the first launch loads the kernel: keep it out of the probe
-    probe_ms = wall_clock_ms(device, lambda: _sleep_on(device, probe_cycles))
-    return probe_cycles / max(probe_ms, 1e-3)
-
-
 def check_timer(device: Device) -> list[CheckResult]:
     """``StageTimer`` against synchronised wall time on a known-length kernel, on this GPU and on
     one other GPU where there is one."""
@@ -135,7 +113,7 @@ def _time_sleep_kernel(device: Device) -> CheckResult:
     current = torch.cuda.current_device()
     where = "" if current == device.torch_device.index else f", timed while cuda{current} is current"
     name = f"timer vs wall clock ({device.label}{where})"
-    cycles = int(_sleep_cycles_per_ms(device) * SLEEP_MS)
+    cycles = int(sleep_cycles_per_ms(device) * SLEEP_MS)
     timer = StageTimer(device)
     timer.reserve(1)
     ratios = []
@@ -144,7 +122,7 @@ def _time_sleep_kernel(device: Device) -> CheckResult:
 
         def timed():
             with timer.span("sleep", 0):
-                _sleep_on(device, cycles)
+                sleep_on(device, cycles)
             spans.extend(timer.finish())
 
         wall = wall_clock_ms(device, timed)
@@ -397,22 +375,6 @@ def _device_spec(device: Device) -> str:
     return "cpu" if not device.is_cuda else f"cuda:{device.torch_device.index or 0}"
 
 
-def launch_verdict(span_ms: float, prequeued_ms: float, enqueue_ms: float, head_start_ms: float) -> str:
-    """Whether a pass is launch-bound, from its span sum and the span sum of the same pass
-    enqueued behind a ``head_start_ms`` sleep kernel (``enqueue_ms``: how long the host took to
-    enqueue it). Pre-queued, the GPU never waits for a launch, so its spans are GPU time alone;
-    when the normal spans exceed them by more than ``LAUNCH_BOUND_EXCESS`` the GPU waited for the
-    host. No verdict when the host was not done before the sleep ended (it blocked on the device
-    between spans, or its launch queue filled), as the GPU may then have waited there too."""
-    if enqueue_ms >= head_start_ms:
-        return (f"no verdict: the host took {enqueue_ms:.1f} ms to enqueue the pass, longer than the "
-                f"{head_start_ms:.1f} ms head start (it waited for the device between spans, or its launch queue filled)")
-    excess = span_ms / max(prequeued_ms, 1e-6) - 1
-    if excess > LAUNCH_BOUND_EXCESS:
-        return f"launch-bound (+{excess:.0%} over pre-queued): raise --chunk-frames or use --cuda-graph"
-    return f"GPU-bound ({excess:+.0%} over pre-queued)"
-
-
 def check_launch_bound(device: Device, scale: str = "auto", frameworks: tuple[str, ...] | None = None) -> list[CheckResult]:
     """Per framework and arm: the sum of spans and the synchronised wall time of a pass. On CUDA
     also the span sum of the same pass enqueued behind a sleep kernel (GPU time with no launch
@@ -424,7 +386,7 @@ def check_launch_bound(device: Device, scale: str = "auto", frameworks: tuple[st
 
     results = []
     dtype = torch.float16 if device.is_cuda else torch.float32
-    cycles_per_ms = _sleep_cycles_per_ms(device) if device.is_cuda else 0.0
+    cycles_per_ms = sleep_cycles_per_ms(device) if device.is_cuda else 0.0
     for framework in frameworks or tuple(FRAMEWORK_MODULES):
         chosen, _ = choose_scale(BenchConfig(framework=framework, scale=scale), device)
         pipeline = get_framework(framework).build(chosen, device.torch_device, dtype, 0, None)
@@ -456,20 +418,10 @@ def _spans_vs_wall(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Dev
         if not device.is_cuda:
             return figure  # a CPU runs each op as it is issued: there is no launch queue to judge
         head_start_ms = PREQUEUE_HEAD_START * wall_ms
-        prequeued_ms, enqueue_ms = _prequeued_span_ms(pipeline, clip, arm, timer, chunk_frames, device,
-                                                      int(head_start_ms * cycles_per_ms))
+        stages, enqueue_ms = prequeued_pass(pipeline, clip, arm, timer, chunk_frames, device,
+                                            int(head_start_ms * cycles_per_ms))
+        prequeued_ms = sum(stages.values())
     return f"{figure}, pre-queued spans {prequeued_ms:.1f} ms; {launch_verdict(span_ms, prequeued_ms, enqueue_ms, head_start_ms)}"
-
-
-def _prequeued_span_ms(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
-                       device: Device, sleep_cycles: int) -> tuple[float, float]:
-    """Span sum of one pass enqueued behind a sleep kernel, and the host's enqueue time (ms)."""
-    device.synchronize()
-    _sleep_on(device, sleep_cycles)
-    start = time.perf_counter_ns()
-    pipeline.stream(clip, arm, timer, chunk_frames)
-    enqueue_ms = (time.perf_counter_ns() - start) / 1e6
-    return sum(s.ms for s in timer.finish()), enqueue_ms
 
 
 def check_clocks(device: Device, when: str) -> CheckResult:

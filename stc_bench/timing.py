@@ -96,6 +96,14 @@ def wall_clock_ms(device: Device, fn) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
+def host_ms(fn) -> float:
+    """Host time of ``fn()`` in milliseconds, without synchronising: how long the host took to
+    issue its work (the pre-queued launch check's enqueue time)."""
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
 def time_call(device: Device, fn, repeats: int, warmup: int = 1) -> list[float]:
     """Run ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; milliseconds each."""
     for _ in range(warmup):

@@ -9,6 +9,7 @@ import torch
 
 from stc_bench import doctor
 from stc_bench.device import HOST_READS, Device, HostSyncError, forbid_host_syncs, host_resident, resolve_device
+from stc_bench.launches import launch_verdict
 from stc_bench.timing import StageTimer
 
 CPU = resolve_device("cpu")
@@ -119,9 +120,9 @@ def test_graph_use_of_a_timed_pass_is_judged_from_stats_before_and_after_it():
 
 
 def test_launch_verdict_compares_spans_with_the_same_pass_pre_queued():
-    assert doctor.launch_verdict(130.0, 100.0, 40.0, 200.0).startswith("launch-bound (+30% over pre-queued)")
-    assert doctor.launch_verdict(110.0, 100.0, 40.0, 200.0) == "GPU-bound (+10% over pre-queued)"
-    assert doctor.launch_verdict(300.0, 100.0, 250.0, 200.0).startswith("no verdict: the host took 250.0 ms")
+    assert launch_verdict(130.0, 100.0, 40.0, 200.0).startswith("launch-bound (+30% over pre-queued)")
+    assert launch_verdict(110.0, 100.0, 40.0, 200.0) == "GPU-bound (+10% over pre-queued)"
+    assert launch_verdict(300.0, 100.0, 250.0, 200.0).startswith("no verdict: the host took 250.0 ms")
 
 
 def test_kv_cache_estimate_of_qwen2_7b():

@@ -15,10 +15,10 @@ import torch
 
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
+from stc_bench.launches import METADATA_OPS, OperatorCounter
 from stc_bench.measurement import BASELINE
 from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
-from tests.dispatch import METADATA_OPS, OpCounter
 
 NULL_ARM = get_method("stc").arm(ratio=0.25, interval=1)
 
@@ -36,7 +36,7 @@ class ViTSpanTimer(StageTimer):
             if stage != "vit":
                 yield
                 return
-            with OpCounter() as counter:
+            with OperatorCounter() as counter:
                 yield
             self.counts.update(counter.counts)
 

@@ -1,0 +1,195 @@
+"""What each stage launches, and whether the GPU waits for the host to launch it.
+
+A selective ViT layer is a chain of small operators: at batch 1 on a fast GPU the host may take
+longer to launch them than the GPU takes to run them, and then a reduction in FLOPs buys little.
+Two figures per arm and stage tell a user when that happens, each from one untimed pass:
+
+- **operators per frame**: the operators a stage dispatches, counted by a dispatch mode (views
+  and other metadata-only operators left out), divided by the frames of the pass. Each launches
+  at least one kernel on a GPU; a CUDA-graph replay dispatches nothing, so a replayed layer
+  counts 0 here (the graph itself is one launch). The same code path counts on CPU and GPU.
+- **pre-queued spans** (CUDA only): the stage's span sum in a pass enqueued behind a sleep kernel.
+  The GPU then never waits for a launch, so those spans are GPU time alone; when the normal
+  spans exceed them by more than ``LAUNCH_BOUND_EXCESS`` the stage is launch-bound
+  (``launch_verdict``), and raising ``--chunk-frames`` or replaying CUDA graphs would help.
+  A CPU runs each operator as it is issued: there is no launch queue to judge there.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stc_bench.device import Device
+from stc_bench.timing import StageTimer, host_ms, wall_clock_ms
+
+if TYPE_CHECKING:
+    from stc_bench.frameworks.framework import Pipeline
+    from stc_bench.methods.method import Arm
+
+LAUNCH_BOUND_EXCESS = 0.20
+"""A stage whose spans take this much longer than the same work pre-queued behind a sleep kernel
+keeps the GPU waiting for the host's launches."""
+PREQUEUE_HEAD_START = 2.0
+"""The sleep kernel that pre-queues a pass lasts this many times the pass's wall time."""
+METADATA_OPS = frozenset({
+    "aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand", "aten.unsqueeze",
+    "aten.squeeze", "aten.t", "aten.detach", "aten.alias", "aten.slice", "aten.select", "aten.split",
+    "aten.split_with_sizes", "aten.unbind", "aten.as_strided", "aten.lift_fresh",
+})
+"""Operators that only make a new view of the same memory (or wrap a constant): they launch nothing."""
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the operators that launch work while active, by name, under ``owner`` (a key the
+    code being counted may change as it runs: the stage or layer in progress)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner: object = None
+        self.by_owner: dict[object, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    @property
+    def counts(self) -> collections.Counter:
+        """Counts over all owners."""
+        return sum(self.by_owner.values(), collections.Counter())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name not in METADATA_OPS:
+            self.by_owner[self.owner][name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingTimer(StageTimer):
+    """A timer whose spans also count the operators they dispatch, per stage."""
+
+    def __init__(self, device: Device, counter: OperatorCounter):
+        super().__init__(device)
+        self._counter = counter
+
+    @contextlib.contextmanager
+    def span(self, stage: str, chunk: int) -> Iterator[None]:
+        with super().span(stage, chunk):
+            self._counter.owner = stage
+            try:
+                yield
+            finally:
+                self._counter.owner = None
+
+
+@dataclass(frozen=True)
+class StageLaunches:
+    """The launch figures of one stage of one arm (see the module docstring)."""
+
+    operators_per_frame: float
+    """Operators dispatched inside the stage's spans, per frame of the stream."""
+    prequeued_ms: float | None = None
+    """Span sum of the stage in a pass pre-queued behind a sleep kernel (CUDA only)."""
+    span_ms: float | None = None
+    """Span sum of the stage in a normal pass right before it (CUDA only)."""
+    enqueue_ms: float | None = None
+    """Host time to enqueue the whole pre-queued pass."""
+    head_start_ms: float | None = None
+    """Length of the sleep kernel the pass was queued behind."""
+
+    @property
+    def verdict(self) -> str | None:
+        """"launch-bound (...)", "GPU-bound (...)", "no verdict: ...", or None on CPU."""
+        if self.prequeued_ms is None or self.span_ms is None:
+            return None
+        return launch_verdict(self.span_ms, self.prequeued_ms, self.enqueue_ms, self.head_start_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageLaunches:
+        """Inverse of ``to_dict``."""
+        return cls(**data)
+
+
+def launch_verdict(span_ms: float, prequeued_ms: float, enqueue_ms: float, head_start_ms: float) -> str:
+    """Whether a pass (or a stage of it) is launch-bound, from its span sum and the span sum of
+    the same work enqueued behind a ``head_start_ms`` sleep kernel (``enqueue_ms``: how long the
+    host took to enqueue the pass). No verdict when the host was not done before the sleep ended
+    (it blocked on the device between spans, or its launch queue filled), as the GPU may then
+    have waited there too."""
+    if enqueue_ms >= head_start_ms:
+        return (f"no verdict: the host took {enqueue_ms:.1f} ms to enqueue the pass, longer than the "
+                f"{head_start_ms:.1f} ms head start (it waited for the device between spans, or its launch queue filled)")
+    excess = span_ms / max(prequeued_ms, 1e-6) - 1
+    if excess > LAUNCH_BOUND_EXCESS:
+        return f"launch-bound (+{excess:.0%} over pre-queued): raise --chunk-frames or use --cuda-graph"
+    return f"GPU-bound ({excess:+.0%} over pre-queued)"
+
+
+def sleep_on(device: Device, cycles: int) -> None:
+    """Enqueue a kernel that spins ``cycles`` GPU clock cycles on ``device``'s current stream.
+
+    Only the launch runs with ``device`` current: a timer around it must find its device's
+    stream by itself, not by following the current device."""
+    with torch.cuda.device(device.torch_device):
+        torch.cuda._sleep(cycles)
+
+
+def sleep_cycles_per_ms(device: Device) -> float:
+    """How many ``torch.cuda._sleep`` cycles take one millisecond on ``device`` (wall-clock probe)."""
+    probe_cycles = 10_000_000
+    sleep_on(device, probe_cycles)  # the first launch loads the kernel: keep it out of the probe
+    probe_ms = wall_clock_ms(device, lambda: sleep_on(device, probe_cycles))
+    return probe_cycles / max(probe_ms, 1e-3)
+
+
+def _stage_sums(spans) -> dict[str, float]:
+    sums: dict[str, float] = collections.defaultdict(float)
+    for span in spans:
+        sums[span.stage] += span.ms
+    return dict(sums)
+
+
+def prequeued_pass(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
+                   device: Device, sleep_cycles: int) -> tuple[dict[str, float], float]:
+    """Per-stage span sums of one pass enqueued behind a sleep kernel, and the host's enqueue time (ms)."""
+    device.synchronize()
+    sleep_on(device, sleep_cycles)
+    enqueue_ms = host_ms(lambda: pipeline.stream(clip, arm, timer, chunk_frames))
+    return _stage_sums(timer.finish()), enqueue_ms
+
+
+def profile_launches(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Device, chunk_frames: int,
+                     cycles_per_ms: float | None = None) -> dict[str, StageLaunches]:
+    """The launch figures of every stage of ``arm``, from untimed passes over ``clip`` (run it
+    after the arm's prepare pass, so one-time work is done). ``cycles_per_ms``: the sleep
+    kernel's rate (``sleep_cycles_per_ms``), measured once per run; CUDA only."""
+    frames = clip.shape[0]
+    counter = OperatorCounter()
+    timer = _CountingTimer(device, counter)
+    with torch.inference_mode():
+        with counter:
+            pipeline.stream(clip, arm, timer, chunk_frames)
+        timer.finish()
+        per_frame = {stage: sum(counts.values()) / frames for stage, counts in counter.by_owner.items() if stage is not None}
+        if not device.is_cuda:
+            return {stage: StageLaunches(n) for stage, n in per_frame.items()}
+        plain = StageTimer(device)
+        spans: list = []
+
+        def normal_pass() -> None:
+            pipeline.stream(clip, arm, plain, chunk_frames)
+            spans.extend(plain.finish())
+
+        wall = wall_clock_ms(device, normal_pass)
+        head_start = PREQUEUE_HEAD_START * wall
+        rate = sleep_cycles_per_ms(device) if cycles_per_ms is None else cycles_per_ms
+        prequeued, enqueue = prequeued_pass(pipeline, clip, arm, plain, chunk_frames, device, int(head_start * rate))
+    normal = _stage_sums(spans)
+    return {stage: StageLaunches(n, prequeued.get(stage), normal.get(stage), enqueue, head_start)
+            for stage, n in per_frame.items()}
