@@ -7,9 +7,12 @@ the CPU path exercises the same calls and the GPU-only branches stay few and sho
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -185,6 +188,71 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use (quota / period: ``cpu.max`` in cgroup v2,
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1); None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        return None if quota <= 0 else quota / int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def affinity_cpus() -> int | None:
+    """How many CPUs this process may run on (its affinity mask); None where the OS does not say."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """torch's CPU threads for a run: ``threads`` intra-op threads, pinned; ``interop_threads``
+    as found; and what the choice was made from."""
+
+    threads: int
+    interop_threads: int
+    torch_default: int
+    affinity_cpus: int | None
+    cgroup_cpu_limit: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict for the environment block."""
+        return asdict(self)
+
+
+def pin_cpu_threads() -> ThreadSettings:
+    """Set torch's intra-op thread count explicitly, once at the start of a run, and say why.
+
+    The count is torch's default (``OMP_NUM_THREADS`` where set, else MKL's count of physical
+    cores), lowered to the CPUs this process may run on (affinity mask) and to its cgroup's CPU
+    quota (rounded down): a container's quota or a ``taskset`` mask that torch's default does not
+    see would otherwise oversubscribe the cores, and threads preempted mid-kernel are the largest
+    run-to-run variance a CPU run has. It never raises the count, so a caller's own
+    ``torch.set_num_threads`` stands, and a second run in the process keeps the first's count.
+    Inter-op threads are recorded, not set: the pipelines never fork inter-op work, and torch
+    lets that pool be sized once per process only.
+    """
+    default = torch.get_num_threads()
+    cpus, quota = affinity_cpus(), cgroup_cpu_limit()
+    limits = {"torch's default": default}
+    if cpus is not None:
+        limits["the CPUs of the affinity mask"] = cpus
+    if quota is not None:
+        limits["the cgroup's CPU quota"] = max(1, int(quota))
+    threads = min(limits.values())
+    torch.set_num_threads(threads)
+    facts = ", ".join(f"{name} {value}" for name, value in limits.items())
+    return ThreadSettings(threads, torch.get_num_interop_threads(), default, cpus, quota, f"the least of {facts}")
 
 
 def resolve_device(spec: str) -> Device:

@@ -29,13 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from stc_bench.device import Device, cpu_model
+from stc_bench.allocator import ALLOCATOR_VARIABLES, AllocatorSettings
+from stc_bench.device import Device, ThreadSettings, affinity_cpus, cpu_model
 
 NVIDIA_SMI_TIMEOUT_S = 10.0
 """nvidia-smi hangs for minutes on a wedged driver; each query waits at most this long."""
 
 RECORDED_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 """Environment variables that change what a CUDA run measures; recorded, never set."""
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Environment variables that size torch's CPU thread pools; recorded with the thread settings."""
+
+CPUFREQ = Path("/sys/devices/system/cpu")
+"""Where Linux exposes each CPU's frequency governor and clocks (absent in most containers and VMs)."""
 
 SDPA_BACKENDS = ("flash", "mem_efficient", "math", "cudnn")
 """Scaled-dot-product-attention backends whose ``torch.backends.cuda.<name>_sdp_enabled()`` is recorded."""
@@ -176,9 +183,19 @@ def _index_warning(selector: str, device_order: str | None) -> str | None:
     return None
 
 
+def _variables(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The values of ``names`` (None when unset): the one place stc_bench reads environment variables."""
+    return {name: os.environ.get(name) for name in names}
+
+
 def _recorded_variables() -> dict[str, str | None]:
-    """The values of ``RECORDED_VARIABLES`` (None when unset): the one place env.py reads the environment."""
-    return {name: os.environ.get(name) for name in RECORDED_VARIABLES}
+    """The values of ``RECORDED_VARIABLES`` (None when unset)."""
+    return _variables(RECORDED_VARIABLES)
+
+
+def allocator_variables() -> dict[str, str | None]:
+    """The values of ``ALLOCATOR_VARIABLES``: what ``allocator.steady_allocator`` decides from."""
+    return _variables(ALLOCATOR_VARIABLES)
 
 
 def _torch_gpu_uuid(device: Device) -> str | None:
@@ -315,12 +332,60 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def capture_environment(device: Device | None = None) -> dict[str, Any]:
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
+def _mhz(khz: list[str | None]) -> list[float]:
+    return [int(k) / 1000 for k in khz if k is not None and k.isdigit()]
+
+
+def cpu_frequency(root: Path = CPUFREQ, cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPUs' frequency scaling, over the CPUs this process may run on: governors, current
+    and maximum clocks in MHz (lowest and highest across CPUs), and whether turbo/boost is on.
+    ``available`` False (with ``reason``) where Linux's cpufreq is not exposed (containers, VMs):
+    then ``cpuinfo_mhz`` (the clocks /proc/cpuinfo reports) is all there is. Never raises."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    governors = [_read_text(root / f"cpu{c}" / "cpufreq" / "scaling_governor") for c in cpus]
+    current = _mhz([_read_text(root / f"cpu{c}" / "cpufreq" / "scaling_cur_freq") for c in cpus])
+    maximum = _mhz([_read_text(root / f"cpu{c}" / "cpufreq" / "cpuinfo_max_freq") for c in cpus])
+    no_turbo, boost = _read_text(root / "intel_pstate" / "no_turbo"), _read_text(root / "cpufreq" / "boost")
+    try:
+        lines = cpuinfo.read_text(encoding="utf-8").splitlines()
+        reported = [float(line.split(":", 1)[1]) for line in lines if line.startswith("cpu MHz")]
+    except (OSError, ValueError, IndexError):
+        reported = []
+    block: dict[str, Any] = {
+        "available": any(g is not None for g in governors),
+        "governors": sorted({g for g in governors if g is not None}) or None,
+        "current_mhz_min": min(current, default=None), "current_mhz_max": max(current, default=None),
+        "max_mhz": max(maximum, default=None),
+        "turbo": None if no_turbo is None and boost is None else (no_turbo == "0" if no_turbo is not None else boost == "1"),
+        "cpuinfo_mhz": sorted(set(reported)) or None,
+    }
+    if not block["available"]:
+        block["reason"] = f"no cpufreq under {root} (a container or VM hides it): governor and clocks unknown"
+    return block
+
+
+def capture_environment(device: Device | None = None, allocator: AllocatorSettings | None = None,
+                        threads: ThreadSettings | None = None) -> dict[str, Any]:
     """Versions, device, threads, git commit, torch's kernel switches and the recorded
     environment variables, as a JSON-safe dict; on CUDA also the GPU's identity and limits
     (``gpu_uuid``, ``driver_version``, ``cuda_driver_version``, max clocks, power limit,
     persistence and MIG mode) and a ``gpu_state_before`` snapshot (see ``gpu_state``).
-    ``cuda_version`` is the CUDA runtime torch was built with. Never raises on a missing fact."""
+    ``cuda_version`` is the CUDA runtime torch was built with. Never raises on a missing fact.
+
+    Host facts that move CPU timings: ``allocator`` (what ``allocator.steady_allocator`` did at the
+    start of the run, with the variables it read; without a run, only the variables),
+    ``threads`` (``device.pin_cpu_threads``: intra-op threads pinned, inter-op threads, the
+    limits they came from; without a run, the counts as found) and ``cpu_frequency``."""
     import torch
     import transformers
 
@@ -336,6 +401,14 @@ def capture_environment(device: Device | None = None) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "threads": {**(threads.to_dict() if threads else {"threads": torch.get_num_threads(),
+                                                          "interop_threads": torch.get_num_interop_threads(),
+                                                          "affinity_cpus": affinity_cpus()}),
+                    "variables": _variables(THREAD_VARIABLES)},
+        "allocator": {**(allocator.to_dict() if allocator else {"applied": False, "reason": "no run: stc-bench sets "
+                                                                "the allocator when a CPU run starts"}),
+                      "variables": allocator_variables()},
+        "cpu_frequency": cpu_frequency(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
         **_torch_flags(),

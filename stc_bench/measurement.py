@@ -155,7 +155,12 @@ class Measurement:
 @dataclass(frozen=True)
 class Reduction:
     """``1 - arm / baseline`` for one stage, on the minima and on the medians, with a paired
-    bootstrap 95% interval on the median reduction. Positive = the arm is faster."""
+    bootstrap 95% interval on the median reduction. Positive = the arm is faster.
+
+    ``round_iqr``: the interquartile range of the per-round reductions ``1 - arm[i] / baseline[i]``
+    (round i's pair of streams): how much the reduction moved from round to round within the run,
+    in the reduction's own units (0.02 = 2 percentage points). A change between two runs well
+    inside it is noise. NaN with fewer than two rounds."""
 
     stage: str
     on_min: float
@@ -163,6 +168,7 @@ class Reduction:
     ci_low: float
     ci_high: float
     pairs: int
+    round_iqr: float = math.nan
 
     @property
     def conclusive(self) -> bool:
@@ -173,21 +179,39 @@ class Reduction:
 BOOTSTRAP_RESAMPLES = 2000
 
 
+def round_reductions(baseline: Measurement, arm: Measurement) -> np.ndarray:
+    """``1 - arm[i] / baseline[i]`` of every round i both measured (samples are stored in round
+    order, so sample i of each arm is the same interleaved round); rounds whose baseline took no
+    time are left out."""
+    n = min(baseline.n, arm.n)
+    base = np.asarray(baseline.times_ms[:n], dtype=float)
+    new = np.asarray(arm.times_ms[:n], dtype=float)
+    timed = base > 0
+    return 1.0 - new[timed] / base[timed]
+
+
 def paired_reduction(baseline: Measurement, arm: Measurement, seed: int = 0) -> Reduction:
     """Reduction of ``arm`` against ``baseline``, pairing sample i of each (same interleaved round).
 
     The interval resamples *pairs* of repeats with replacement, so drift shared by both arms
     of a round cancels; it is the 2.5th-97.5th percentile of the resampled median reductions.
+    ``round_iqr`` is the interquartile range of the per-round reductions (``round_reductions``).
     """
     n = min(baseline.n, arm.n)
     base = np.asarray(baseline.times_ms[:n], dtype=float)
     new = np.asarray(arm.times_ms[:n], dtype=float)
     on_min = 1.0 - float(new.min()) / float(base.min())
     on_median = 1.0 - float(np.median(new)) / float(np.median(base))
+    rounds = round_reductions(baseline, arm)
+    if len(rounds) < 2:
+        spread = math.nan
+    else:
+        q1, q3 = np.percentile(rounds, [25, 75])
+        spread = float(q3 - q1)
     if n < 2:
-        return Reduction(baseline.spec.stage, on_min, on_median, -math.inf, math.inf, n)
+        return Reduction(baseline.spec.stage, on_min, on_median, -math.inf, math.inf, n, spread)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))                     # (B, n)
     resampled = 1.0 - np.median(new[idx], axis=1) / np.median(base[idx], axis=1)  # (B,)
     low, high = np.percentile(resampled, [2.5, 97.5])
-    return Reduction(baseline.spec.stage, on_min, on_median, float(low), float(high), n)
+    return Reduction(baseline.spec.stage, on_min, on_median, float(low), float(high), n, spread)

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,18 +61,33 @@ class ArmResult:
     recompute_fraction: float | None = None
     graphs: dict[str, Any] | None = None
     """CUDA-graph captures, replays, eager calls and why graphs were off, where they were asked for."""
+    host_usage: dict[str, list[float]] | None = None
+    """Raw samples, one per timed stream in round order: ``minor_faults``, ``major_faults`` and
+    ``system_ms`` of the whole process during the stream (``getrusage``); None in files written
+    before stc-bench recorded them, or where the OS does not count them."""
+
+    @property
+    def page_faults(self) -> list[float]:
+        """Page faults (minor + major) of each timed stream; empty where not recorded."""
+        usage = self.host_usage or {}
+        return [a + b for a, b in zip(usage.get("minor_faults", []), usage.get("major_faults", []))]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-safe dict (a copy)."""
-        return copy.deepcopy({"frames": self.frames, "arm": self.arm.to_dict(), "macs": self.macs, "tokens": self.tokens,
-                              "fidelity": self.fidelity, "chunk_kinds": self.chunk_kinds,
-                              "recompute_fraction": self.recompute_fraction, "graphs": self.graphs})
+        """Plain JSON-safe dict (a copy); ``host_usage`` only where it was recorded."""
+        d = {"frames": self.frames, "arm": self.arm.to_dict(), "macs": self.macs, "tokens": self.tokens,
+             "fidelity": self.fidelity, "chunk_kinds": self.chunk_kinds, "recompute_fraction": self.recompute_fraction,
+             "graphs": self.graphs}
+        if self.host_usage is not None:
+            d["host_usage"] = self.host_usage
+        return copy.deepcopy(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArmResult:
         """Inverse of ``to_dict``."""
+        host = d.get("host_usage")
         return cls(d["frames"], Arm.from_dict(d["arm"]), dict(d["macs"]), dict(d["tokens"]), dict(d.get("fidelity", {})),
-                   list(d.get("chunk_kinds", [])), d.get("recompute_fraction"), d.get("graphs"))
+                   list(d.get("chunk_kinds", [])), d.get("recompute_fraction"), d.get("graphs"),
+                   {k: list(v) for k, v in host.items()} if host is not None else None)
 
 
 @dataclass
@@ -150,8 +166,11 @@ class RunResult:
         one column per knob of any arm (empty where an arm has no such knob), stage, sample
         statistics (n, min_ms, median_ms, mean_ms, iqr_ms, cv, noisy), tokens and macs; against
         the baseline row of the same frame count and stage: reduction_min, reduction_median,
-        ci_low, ci_high, flop_reduction, efficiency (empty on baseline rows); and the arm's
-        fidelity, recompute fraction and peak memory. Every view of a run reads this.
+        ci_low, ci_high, round_iqr (the interquartile range of the per-round reductions),
+        flop_reduction, efficiency (empty on baseline rows); and the arm's fidelity, recompute
+        fraction, peak memory, and median page faults and system ms per timed stream
+        (page_faults_median, system_ms_median: the whole stream, the same on each stage row;
+        empty where not recorded). Every view of a run reads this.
         """
         key = (len(self.measurements), len(self.arms), tuple(m.n for m in self.measurements),
                tuple(bool(m.metadata) for m in self.measurements))
@@ -186,12 +205,16 @@ class RunResult:
                 row.update({
                     "reduction_min": r.on_min if r else None, "reduction_median": r.on_median if r else None,
                     "ci_low": r.ci_low if r else None, "ci_high": r.ci_high if r else None, "pairs": r.pairs if r else None,
+                    "round_iqr": r.round_iqr if r else None,
                     "flop_reduction": flop,
                     "efficiency": r.on_median / flop if r is not None and flop else None,
                 })
                 row.update({name: facts.fidelity.get(name) for name in FIDELITY_COLUMNS})
                 row["recompute_fraction"] = facts.recompute_fraction
                 row["peak_memory_mb"] = m.metadata.get("peak_memory_mb")
+                faults, system = facts.page_faults, (facts.host_usage or {}).get("system_ms", [])
+                row["page_faults_median"] = float(statistics.median(faults)) if faults else None
+                row["system_ms_median"] = float(statistics.median(system)) if system else None
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -204,7 +227,7 @@ class RunResult:
                 if r is not None:
                     summaries.append({"frames": facts.frames, "arm": facts.arm.to_dict(), "stage": stage,
                                       "reduction_min": r.on_min, "reduction_median": r.on_median, "ci_low": r.ci_low,
-                                      "ci_high": r.ci_high,
+                                      "ci_high": r.ci_high, "round_iqr": r.round_iqr,
                                       "flop_reduction": self.flop_reduction(facts, stage)})
         return {
             **copy.deepcopy(self.extra),
@@ -456,6 +479,11 @@ def check_document(d: dict[str, Any]) -> None:
         if a.get("recompute_fraction") is not None:
             _number(a["recompute_fraction"], f"{where}.recompute_fraction", minimum=0)
         _field(a, "graphs", where, (dict,), "an object", optional=True)
+        for key, values in (_field(a, "host_usage", where, (dict,), "an object", optional=True) or {}).items():
+            if not isinstance(values, list):
+                raise _Malformed(f"{where}.host_usage.{key} is {_kind(values)}, not a list of per-stream counts")
+            for j, value in enumerate(values):
+                _number(value, f"{where}.host_usage.{key}[{j}]")
     for i, m in enumerate(_field(d, "measurements", "", (list,), "a list")):
         where = f"measurements[{i}]"
         if not isinstance(m, dict):

@@ -9,7 +9,16 @@ pruner memory, a freshly attached cacher).
 Before any timed pass, one untimed *prepare* pass per arm captures features and logits for
 the fidelity figures and does every one-time thing a stream shape needs (CUDA-graph capture,
 index tensors on the device, the timer's events, allocator growth), so no timed span pays for
-them, whatever ``--warmup`` is. The run's device is the current CUDA device throughout.
+them, whatever ``--warmup`` is. The warm-up rounds that follow run the timed rounds' exact
+passes (same clip, shapes and arm order), so they reach the state the timed rounds run in. The
+run's device is the current CUDA device throughout.
+
+Before anything is built, a run fixes what would otherwise vary from run to run on the host:
+glibc's malloc thresholds on a CPU run (``allocator.steady_allocator``: freed tensors are reused
+instead of unmapped and faulted in again) and torch's intra-op thread count
+(``device.pin_cpu_threads``); both are recorded in the environment block. Around every timed
+stream the process's page faults and system time are read (``getrusage``), outside the timed
+spans, and kept per arm as raw samples, so the report can show an arm whose memory churns.
 
 With a ``RunFolder``, the raw samples are saved after every measured round and each finished
 frame count goes to results.json at once, so an interrupted run keeps what it measured and
@@ -37,9 +46,10 @@ from typing import Any
 
 import torch
 
+from stc_bench.allocator import HOST_USAGE_KEYS, AllocatorSettings, host_usage, steady_allocator
 from stc_bench.config import BenchConfig, parse_arm_override
-from stc_bench.device import Device, resolve_device, resolve_dtype
-from stc_bench.env import capture_environment, gpu_state
+from stc_bench.device import Device, ThreadSettings, pin_cpu_threads, resolve_device, resolve_dtype
+from stc_bench.env import allocator_variables, capture_environment, gpu_state
 from stc_bench.errors import BenchUsageError
 from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
@@ -182,7 +192,8 @@ def arms_of(config: BenchConfig, site: HookSite) -> list[Arm]:
             raise MethodError(f"--arms {name}: not available on {config.framework} ({problem}); leave it out of --arms")
         if name == "stc":
             arms += [spec.arm(ratio=p.ratio, interval=p.interval, tokens_per_frame=p.tokens_per_frame, metric=config.metric,
-                              selection=config.selection, cuda_graph=config.cuda_graph) for p in config.points]
+                              selection=config.selection, cuda_graph=config.cuda_graph,
+                              compile=config.compile) for p in config.points]
             continue
         knobs = {k.name: k for k in spec.knobs}
         given = {}
@@ -200,17 +211,27 @@ def arms_of(config: BenchConfig, site: HookSite) -> list[Arm]:
     return list(dict.fromkeys(arms))
 
 
+def _empty_host() -> dict[str, list]:
+    return {key: [] for key in HOST_USAGE_KEYS}
+
+
 def _empty_samples(arms: list[Arm], stages: tuple[str, ...]) -> dict[str, Any]:
-    """JSON-safe raw samples: arm label -> totals/chunks per stage, peak memory."""
-    return {a.label: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None}
-            for a in arms}
+    """JSON-safe raw samples: arm label -> totals/chunks per stage, peak memory, and per timed
+    stream the host's page faults and system time (``host``)."""
+    return {a.label: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None,
+                      "host": _empty_host()} for a in arms}
 
 
 def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Device, chunk_frames: int,
                 timer: StageTimer):
+    """One timed stream: its spans, peak device memory, and the host usage (page faults, system
+    time) of the whole stream, read outside its timed spans (None where unavailable)."""
     device.reset_peak_memory()
+    before = host_usage()
     pipeline.stream(clip, arm, timer, chunk_frames)
-    return timer.finish(), device.peak_memory_mb()
+    spans = timer.finish()
+    after = host_usage()
+    return spans, device.peak_memory_mb(), (after - before if before is not None and after is not None else None)
 
 
 def prepare_arms(pipeline: Pipeline, clip: torch.Tensor, arms: list[Arm], timer: StageTimer,
@@ -246,6 +267,8 @@ def measure_frame_count(
                                   f"{config.framework} times {', '.join(pipeline.stages)}; delete it to measure --frames "
                                   f"{frames} again from its first round")
         done, samples = progress.rounds, progress.samples
+        for s in samples.values():
+            s.setdefault("host", _empty_host())  # partial.json of an older stc-bench
     else:
         done, samples = 0, _empty_samples(arms, pipeline.stages)
     if done:
@@ -259,7 +282,7 @@ def measure_frame_count(
             tick(len(arms))
             continue
         for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            spans, peak = _timed_pass(pipeline, clip, arm, device, chunk_frames, timer)
+            spans, peak, usage = _timed_pass(pipeline, clip, arm, device, chunk_frames, timer)
             tick(1)
             if not measured:
                 continue
@@ -270,6 +293,9 @@ def measure_frame_count(
                 s["chunks"][stage].append(per_chunk)
             if peak is not None:
                 s["peak_mb"] = max(peak, s["peak_mb"] or 0.0)
+            if usage is not None:
+                for key in HOST_USAGE_KEYS:
+                    s["host"][key].append(getattr(usage, key))
         if measured and folder is not None:
             folder.save_progress(frames, repeat - config.warmup + 1, samples)
 
@@ -287,7 +313,7 @@ def measure_frame_count(
     base = captured[BASELINE.label]
     facts = []
     for arm in arms:
-        out = captured[arm.label]
+        out, host = captured[arm.label], samples[arm.label]["host"]
         facts.append(ArmResult(
             frames=frames,
             arm=arm,
@@ -297,6 +323,7 @@ def measure_frame_count(
             chunk_kinds=out.chunk_kinds,
             recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
             graphs=dataclasses.asdict(out.graph_stats) if out.graph_stats is not None else None,
+            host_usage={key: list(host[key]) for key in HOST_USAGE_KEYS} if any(host.values()) else None,
         ))
     return measurements, facts
 
@@ -312,12 +339,16 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     count that runs out of memory is recorded as failed and the others are still measured; then
     ``BenchmarkInterrupted`` carries the result. Out of memory while building, or Ctrl-C, raise it
     at once. ``BenchUsageError`` (raised before anything is written): a setting that cannot work
-    here (token budget, clip memory, arms, video, partial.json). The run's device is the current
-    CUDA device from start to end, so ``--gpu N`` builds, times and captures on GPU N.
+    here (token budget, clip memory, arms, video, partial.json, ``STCBENCH_ALLOCATOR``). The run's
+    device is the current CUDA device from start to end, so ``--gpu N`` builds, times and captures
+    on GPU N. Before the build, a CPU run fixes glibc's malloc thresholds and every run pins
+    torch's intra-op threads (both process-wide, recorded in the environment block).
     """
     device = resolve_device(config.device)
+    allocator = steady_allocator(not device.is_cuda, allocator_variables())
+    threads = pin_cpu_threads()
     with device.activate():
-        return _run(config, device, progress or (lambda *_: None), folder, resume, retry_failed)
+        return _run(config, device, progress or (lambda *_: None), folder, resume, retry_failed, allocator, threads)
 
 
 def _out_of_memory(err: BaseException, what: str, settings: str, advice: str) -> str:
@@ -350,7 +381,7 @@ def _free_memory(device: Device) -> None:
 
 
 def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: RunFolder | None,
-         resume: RunResult | None, retry_failed: bool) -> RunResult:
+         resume: RunResult | None, retry_failed: bool, allocator: AllocatorSettings, threads: ThreadSettings) -> RunResult:
     dtype = resolve_dtype(config.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     scale, reason = choose_scale(config, device)
@@ -368,7 +399,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     except (torch.cuda.OutOfMemoryError, MemoryError) as err:
         message = _out_of_memory(err, f"while building {config.framework}", f"scale {scale}, dtype {dtype_name}, on {device.label}",
                                  "try a smaller --scale, --dtype float16, or a device with more free memory")
-        result = resume or RunResult(config=config, environment=capture_environment(device),
+        result = resume or RunResult(config=config, environment=capture_environment(device, allocator, threads),
                                      run=_run_block(config, framework, scale, reason, dtype_name, None, video))
         result.errors.append(message)
         if folder is not None:
@@ -381,7 +412,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     else:
-        result = RunResult(config=config, environment=capture_environment(device),
+        result = RunResult(config=config, environment=capture_environment(device, allocator, threads),
                            run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline, video))
     if folder is not None:
         folder.save_result(result)

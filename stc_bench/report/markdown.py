@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from stc_bench.env import environment_rows
-from stc_bench.report.tables import STAGE_HEADERS, arm_headers, arm_rows, fidelity_line, memory_line, stage_rows
+from stc_bench.report.tables import (
+    STAGE_HEADERS,
+    arm_headers,
+    arm_rows,
+    fidelity_line,
+    host_line,
+    host_warnings,
+    memory_line,
+    stage_rows,
+)
 from stc_bench.report.terminal import header_lines
 from stc_bench.results import RunResult
 
@@ -34,6 +43,7 @@ def caveats(result: RunResult) -> list[str]:
                          for a in result.compared if a.arm.method == "stc" and not (a.graphs or {}).get("replays")})
         if unused:
             out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
+    out += [f"Page faults differ between arms: {w}." for frames in result.frame_counts for w in host_warnings(result, frames)]
     noisy = [w for m in result.measurements for w in m.warnings]
     if noisy:
         out.append("Noisy or small measurements (treat differences within their interval as no difference): "
@@ -51,15 +61,18 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
     parts += ["", "## Results", ""]
     parts.append("Reductions are `1 - arm / baseline` (positive = faster), on the medians and on the minima of the "
                  "per-stream totals; the interval is a paired bootstrap over repeats. *FLOP limit* is the analytic "
-                 "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit.")
+                 "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit. "
+                 "*Round IQR* is the interquartile range of the reductions of the single rounds (each round times every "
+                 "arm once, interleaved): a change between runs well within it is noise.")
     for frames in result.frame_counts:
         parts += ["", f"### {frames} frames", "", _table(arm_headers(result), arm_rows(result, frames))]
         for facts in (a for a in result.compared if a.frames == frames):
             label = facts.arm.label
             parts += ["", f"#### {label}", "", _table(STAGE_HEADERS, stage_rows(result, frames, label)), "",
                       fidelity_line(result, frames, label) + "."]
-        if memory_line(result, frames):
-            parts += ["", memory_line(result, frames) + "."]
+        for line in (memory_line(result, frames), host_line(result, frames)):
+            if line:
+                parts += ["", line + "."]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     parts += ["", "## Caveats", ""] + [f"- {line}" for line in caveats(result)]

@@ -9,7 +9,7 @@ from stc_bench.results import RunResult, is_missing
 
 IDENTITY_COLUMNS = ["framework", "scale", "device", "frames", "method", "arm"]
 STAT_COLUMNS = ["n", "min_ms", "median_ms", "mean_ms", "iqr_ms", "cv", "tokens"]
-REDUCTION_COLUMNS = ["reduction_min", "reduction_median", "ci_low", "ci_high", "flop_reduction", "efficiency"]
+REDUCTION_COLUMNS = ["reduction_min", "reduction_median", "ci_low", "ci_high", "round_iqr", "flop_reduction", "efficiency"]
 SAMPLE_COLUMNS = ["repeat", "time_ms"]
 STAGE_NAMES = {"vit": "ViT", "compress": "compress", "prefill": "pre-fill"}
 
@@ -115,7 +115,12 @@ def fidelity_cell(row) -> str:
 
 
 STAGE_HEADERS = ["stage", "baseline ms median (min)", "arm ms median (min)", "reduction median [95% CI]",
-                 "reduction min", "FLOP limit", "efficiency", "tokens base → arm"]
+                 "round IQR", "reduction min", "FLOP limit", "efficiency", "tokens base → arm"]
+
+
+def points(x: float | None) -> str:
+    """A spread of reductions in percentage points, or an em dash."""
+    return "—" if is_missing(x) else f"{100 * x:.1f} pts"
 
 
 def stage_rows(result: RunResult, frames: int, arm_label: str) -> list[list[str]]:
@@ -133,6 +138,7 @@ def stage_rows(result: RunResult, frames: int, arm_label: str) -> list[list[str]
             f"{ms(b.median_ms)} ({ms(b.min_ms)}){' noisy' if b.noisy else ''}",
             f"{ms(r.median_ms)} ({ms(r.min_ms)}){' noisy' if r.noisy else ''}",
             _interval(r),
+            points(r.round_iqr),
             pct(r.reduction_min),
             pct(r.flop_reduction),
             "—" if is_missing(r.efficiency) else f"{r.efficiency:.2f}",
@@ -166,3 +172,52 @@ def memory_line(result: RunResult, frames: int) -> str | None:
     rows = table[(table.frames == frames) & (table.stage == "vit")]
     peaks = [f"{r.arm} {r.peak_memory_mb:,.0f} MiB" for r in rows.itertuples() if not is_missing(r.peak_memory_mb)]
     return "peak CUDA memory: " + ", ".join(peaks) if peaks else None
+
+
+PAGE_FAULT_GAP = 10_000
+"""Median page faults per timed stream that two arms of one frame count may differ by before the
+report flags it. A minor fault costs a few microseconds of system time (the trap and zeroing a
+4 KiB page: 1.2 us in a tight loop, 4 us within a stream, on a 2-core Xeon), so 10,000 more faults
+per stream put 10-40 ms of kernel work into one arm's timings alone: 1 % or more of a small-preset
+stream. Below it the difference is lost in the noise; above it the allocator is mapping one arm's
+tensors afresh every stream, and the reduction measures that too."""
+
+
+def host_line(result: RunResult, frames: int) -> str | None:
+    """Median page faults and system time per timed stream of each arm at ``frames`` frames
+    (None where the run did not record them)."""
+    table = result.table()
+    rows = table[table.frames == frames].drop_duplicates("arm")
+    if "page_faults_median" not in rows or rows.page_faults_median.isna().all():
+        return None
+    parts = [f"{r.arm} {r.page_faults_median:,.0f} ({r.system_ms_median:,.0f} ms)" for r in rows.itertuples()
+             if not is_missing(r.page_faults_median)]
+    return "page faults per stream, median (system time): " + ", ".join(parts)
+
+
+def host_warnings(result: RunResult, frames: int) -> list[str]:
+    """One warning per arm whose median page faults per stream differ from the baseline's by more
+    than ``PAGE_FAULT_GAP`` at ``frames`` frames, saying what to do about it."""
+    table = result.table()
+    rows = table[table.frames == frames].drop_duplicates("arm")
+    if "page_faults_median" not in rows:
+        return []
+    base = rows[rows.method == "baseline"]
+    if base.empty or is_missing(base.iloc[0].page_faults_median):
+        return []
+    reference = base.iloc[0].page_faults_median
+    allocator = result.environment.get("allocator") or {}
+    if allocator.get("applied"):
+        advice = ("the allocator settings were applied and still do not hold its memory: preload jemalloc or tcmalloc "
+                  "(LD_PRELOAD=/path/to/libjemalloc.so.2) and run again")
+    else:
+        why = allocator.get("reason") or "this run did not record its allocator"
+        advice = (f"stc-bench's allocator settings were not applied ({why}): on glibc, run again with STCBENCH_ALLOCATOR "
+                  "and glibc's MALLOC_*/GLIBC_TUNABLES variables unset, or preload jemalloc or tcmalloc")
+    out = []
+    for r in rows[rows.method != "baseline"].itertuples():
+        if not is_missing(r.page_faults_median) and abs(r.page_faults_median - reference) > PAGE_FAULT_GAP:
+            out.append(f"{frames} frames, {r.arm}: {r.page_faults_median:,.0f} page faults per stream against the baseline's "
+                       f"{reference:,.0f} (more than {PAGE_FAULT_GAP:,} apart): one arm's memory is mapped afresh every "
+                       f"stream and its times include that kernel work; {advice}")
+    return out

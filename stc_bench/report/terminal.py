@@ -6,7 +6,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stc_bench.report.tables import STAGE_HEADERS, arm_headers, arm_rows, fidelity_line, memory_line, stage_rows
+from stc_bench.report.tables import (
+    STAGE_HEADERS,
+    arm_headers,
+    arm_rows,
+    fidelity_line,
+    host_line,
+    host_warnings,
+    memory_line,
+    stage_rows,
+)
 from stc_bench.results import RunResult
 
 
@@ -25,7 +34,9 @@ def header_lines(result: RunResult) -> list[str]:
 
 def render_tables(result: RunResult, console: Console) -> None:
     """Print, per frame count, one row per arm (the paper's table shape); where one arm is
-    compared with the baseline, also its per-stage detail, fidelity and memory."""
+    compared with the baseline, also its per-stage detail (with the round-to-round spread of each
+    reduction) and fidelity; then memory, page faults per stream, and a warning where the arms'
+    page faults differ (``host_warnings``)."""
     for line in header_lines(result):  # holds user text (video and checkpoint paths): printed as it is
         console.print(line, highlight=False, markup=False, emoji=False)
     for frames in result.frame_counts:
@@ -45,8 +56,10 @@ def render_tables(result: RunResult, console: Console) -> None:
                 detail.add_row(*row)
             console.print(detail)
             console.print(fidelity_line(result, frames, label), highlight=False, markup=False, emoji=False)
-        memory = memory_line(result, frames)
-        if memory:
-            console.print(memory, highlight=False, markup=False, emoji=False)
+        for line in (memory_line(result, frames), host_line(result, frames)):
+            if line:
+                console.print(line, highlight=False, markup=False, emoji=False)
+        for warning in host_warnings(result, frames):
+            console.print(f"[yellow]warning:[/] {escape(warning)}", emoji=False)
     for err in result.errors:  # the CLI prints the run's own error once, on stderr, as "error: ..."
         console.print(f"[red]recorded error:[/] {escape(err)}", emoji=False)
