@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
+
+# One intra-op thread for the whole suite: its models are tiny, so a second thread only adds a
+# wake-up to every op, and on a 2-core machine shared with other work an op waits for whichever
+# of its threads was preempted (measured: the not-slow tests in 43 s with one thread, 296 s with
+# two, on a machine also running a benchmark). A run's own thread pinning never raises it.
+torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported now (torch, transformers, hypothesis, module-level models):
+    freeze those objects out of the garbage collector's generations, so the full collections that
+    the tests' allocations trigger stop scanning them each time (measured: 2.4 s of the not-slow
+    run in the collector, 1.8 s frozen)."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):

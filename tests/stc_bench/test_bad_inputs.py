@@ -3,7 +3,8 @@
 Every case must end with its exit code (2: usage, 1: a fault, with what was kept and how to go
 on, 130: Ctrl-C), exactly one line starting with ``error:`` that names the fix, no traceback,
 and every file that existed before exactly as it was (no new or emptied run folder either).
-Most cases fail before any model is built; the few that need a run build the tiny presets.
+Most cases fail before any model is built; the few that need a run build the tiny presets, or the
+toy framework where the case is about the run's machinery, not a model.
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ def test_a_gpu_that_is_not_there(cli, tmp_path):
 
 # --- faults that keep what was measured ----------------------------------------------------------
 
-def test_out_of_memory_at_the_first_frame_count_measures_the_rest_and_resume_skips_it(cli, tmp_path, monkeypatch):
+def test_out_of_memory_at_the_first_frame_count_measures_the_rest_and_resume_skips_it(cli, toy, no_plots, tmp_path, monkeypatch):
     import stc_bench.runner as runner
 
     real = runner.measure_frame_count
@@ -411,13 +412,13 @@ def test_out_of_memory_at_the_first_frame_count_measures_the_rest_and_resume_ski
 
     monkeypatch.setattr(runner, "measure_frame_count", first_fails)
     monkeypatch.setattr("stc_bench.cli._utc_stamp", lambda: "20260101T000000Z")
-    taken = tmp_path / "20260101T000000Z_dispider_cpu"
+    taken = tmp_path / "20260101T000000Z_toy_cpu"
     taken.mkdir()  # another run started in the same second: this one picks another name
-    args = ["sweep", "dispider", *TINY, "--ratio", "0.25", "--frames", "2,1", "--out", str(tmp_path)]
+    args = ["sweep", "toy", *TINY, "--ratio", "0.25", "--frames", "2,1", "--out", str(tmp_path)]
     result = cli(*args)
     line = assert_one_error(result.output, 1, result.exit_code, r"CUDA out of memory at --frames 2 .*; measured --frames 1; what was "
                                                                   r"measured is in .*-2 \(continue with: stc-bench sweep --resume .* --retry-failed\)")
-    folder = tmp_path / "20260101T000000Z_dispider_cpu-2"
+    folder = tmp_path / "20260101T000000Z_toy_cpu-2"
     assert str(folder) in line and not any(taken.iterdir())
     saved = json.loads((folder / "results.json").read_text())
     assert [a["frames"] for a in saved["arms"]] == [1, 1] and not saved["complete"]
@@ -433,7 +434,7 @@ def test_out_of_memory_at_the_first_frame_count_measures_the_rest_and_resume_ski
     assert not (folder / "run.lock").exists()
 
 
-def test_a_disk_that_fills_mid_sweep_keeps_what_was_measured(cli, tmp_path, monkeypatch):
+def test_a_disk_that_fills_mid_sweep_keeps_what_was_measured(cli, toy, tmp_path, monkeypatch):
     from stc_bench.run_folder import RunFolder
 
     real = RunFolder.save_progress
@@ -444,7 +445,7 @@ def test_a_disk_that_fills_mid_sweep_keeps_what_was_measured(cli, tmp_path, monk
         return real(self, frames, rounds, samples)
 
     monkeypatch.setattr(RunFolder, "save_progress", fills_at_the_second_frame_count)
-    result = cli("sweep", "dispider", *TINY, "--ratio", "0.25", "--frames", "2,1", "--out", str(tmp_path))
+    result = cli("sweep", "toy", *TINY, "--ratio", "0.25", "--frames", "2,1", "--out", str(tmp_path))
     assert_one_error(result.output, 1, result.exit_code, r"cannot write .*partial.json \(No space left on device\); what was measured "
                                                          r"is kept in .*: free space .*then continue with: stc-bench sweep --resume")
     (folder,) = tmp_path.iterdir()
@@ -481,7 +482,7 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 
 # --- data loss: reports beside the input, locks, unknown keys --------------------------------------
 
-def test_report_never_rewrites_the_results_file_and_keeps_unknown_keys(cli, saved_run, tmp_path):
+def test_report_never_rewrites_the_results_file_and_keeps_unknown_keys(cli, saved_run, no_plots, tmp_path):
     world = World(tmp_path, saved_run)
     doc = world.document()
     doc["written_by_a_newer_stc_bench"] = {"keep": [1, 2]}
@@ -558,7 +559,7 @@ def test_closed_output_is_no_error():
     assert out.returncode == 0 and out.stderr == ""
 
 
-def test_a_non_utf8_terminal_gets_ascii_look_alikes(saved_run, tmp_path, monkeypatch):
+def test_a_non_utf8_terminal_gets_ascii_look_alikes(saved_run, no_plots, tmp_path, monkeypatch):
     """PYTHONIOENCODING=ascii or a Latin-1 locale: the reports' dashes, arrows and boxes print as ASCII."""
     from typer.testing import CliRunner
 

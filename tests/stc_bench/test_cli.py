@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.stc_bench.conftest import TINY_RUN
+from tests.stc_bench.conftest import TINY_RUN, TOY, TOY_RUN
 
 
 def run_folder(out: Path) -> Path:
@@ -17,12 +17,30 @@ def run_folder(out: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.tier1
 def test_tiny_end_to_end_run_writes_the_run_folder(cli, tmp_path):
     result = cli(*TINY_RUN, "--device", "cpu", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     folder = run_folder(tmp_path)
     assert folder.name.endswith("_rekv_cpu")
+    for name in ("results.json", "samples.csv", "summary.csv", "reductions.csv", "report.md", "latency.png", "per_frame_vit.png"):
+        assert (folder / name).is_file(), name
+    assert "scale tiny (--scale tiny was requested)" in result.output
+    assert "reduction median [95% CI]" in result.output and "random weights" in result.output
+
+    again = cli("report", str(folder / "results.json"), "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0
+    assert (tmp_path / "again" / "summary.csv").read_text() == (folder / "summary.csv").read_text()
+
+
+def test_toy_run_writes_the_run_folder_and_report_rerenders_it(cli, toy, tmp_path):
+    """The run folder a command writes, and re-rendering it from results.json, on the toy framework
+    (the test above does the same on ReKV, end to end)."""
+    result = cli(*TOY_RUN, "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    folder = run_folder(tmp_path)
+    assert folder.name.endswith("_toy_cpu")
     for name in ("results.json", "samples.csv", "summary.csv", "reductions.csv", "report.md", "latency.png", "per_frame_vit.png"):
         assert (folder / name).is_file(), name
     assert "scale tiny (--scale tiny was requested)" in result.output
@@ -89,6 +107,7 @@ def test_bad_video_checkpoint_and_output_exit_2(cli, tmp_path):
     assert result.exit_code == 2 and "pass a writable --out" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.tier1
 def test_local_checkpoint_is_loaded_offline(cli, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -120,7 +139,7 @@ def test_help_does_not_import_torch():
     assert out.returncode == 0 and "--tokens-per-frame" in out.stdout and "--checkpoint" in out.stdout
 
 
-def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, tmp_path, monkeypatch):
+def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, toy, tmp_path, monkeypatch):
     import stc_bench.runner as runner
 
     real_pass, calls = runner._timed_pass, {"n": 0}
@@ -132,8 +151,7 @@ def test_out_of_memory_reports_the_settings_and_keeps_what_was_measured(cli, tmp
         return real_pass(*args, **kwargs)
 
     monkeypatch.setattr(runner, "_timed_pass", runs_out_at_the_second_frame_count)
-    result = cli("rekv", "--scale", "tiny", "--frames", "2,4", "--repeats", "3", "--warmup", "1", "--device", "cpu",
-                 "--out", str(tmp_path))
+    result = cli(*TOY, "--frames", "2,4", "--device", "cpu", "--out", str(tmp_path))
     assert result.exit_code == 1
     assert "CUDA out of memory at --frames 4 (scale tiny, dtype float32, --chunk-frames 1)" in result.output
     folder = run_folder(tmp_path)
@@ -196,8 +214,8 @@ def test_the_run_happens_with_its_device_current(tiny_result, monkeypatch):
     assert events[0] == "enter" and events[-1] == "exit" and "build" in events[1:-1]
 
 
-def test_a_cuda_graph_run_that_ran_eager_says_so(cli, tmp_path):
-    result = cli(*TINY_RUN, "--device", "cpu", "--video", "synthetic", "--cuda-graph", "--out", str(tmp_path))
+def test_a_cuda_graph_run_that_ran_eager_says_so(cli, toy, tmp_path):
+    result = cli(*TOY_RUN, "--device", "cpu", "--cuda-graph", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     folder = run_folder(tmp_path)
     report = (folder / "report.md").read_text()

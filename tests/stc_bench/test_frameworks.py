@@ -94,6 +94,7 @@ def test_patchify_is_merge_window_major():
     assert first[:8] == [0, 1, 10, 11, 2, 3, 12, 13]                # two 2x2 windows, each four consecutive tokens
 
 
+@pytest.mark.slow
 @pytest.mark.tier1
 @pytest.mark.parametrize("framework", ["streamforest", "dispider", "livecc"])
 def test_each_command_runs_end_to_end(cli, tmp_path, framework):

@@ -128,7 +128,7 @@ def test_visionzip_restores_the_selection_layer_after_the_stream():
     assert all(getattr(f, "__func__", None) is type(f.__self__).forward for f in installed)
 
 
-def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, cli, tmp_path):
+def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, cli, toy, tmp_path):
     """What a fourth peer needs: a module defining METHOD (knobs, hook points, a per-stream
     object with the hooks it uses) and its line in METHOD_MODULES (plus its help line)."""
 
@@ -146,12 +146,13 @@ def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, cli, tmp_
     monkeypatch.setitem(sys.modules, "keep_first", module)
     monkeypatch.setitem(METHOD_MODULES, "keepfirst", "keep_first")
     monkeypatch.setitem(METHOD_HELP, "keepfirst", "keep the first k tokens")
-    result = cli("rekv", "--scale", "tiny", "--frames", "2", "--repeats", "2", "--warmup", "0", "--device", "cpu",
+    result = cli("sweep", toy, "--scale", "tiny", "--frames", "2", "--repeats", "2", "--warmup", "0", "--device", "cpu",
                  "--video", "synthetic", "--arms", "baseline,keepfirst", "--tokens-per-frame", "16", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "keepfirst k16" in result.output
 
 
+@pytest.mark.slow
 def test_every_arm_of_the_done_when_command_runs_and_writes_the_pareto_plot(cli, tmp_path):
     result = cli("rekv", "--scale", "tiny", "--frames", "2", "--repeats", "2", "--warmup", "0", "--device", "cpu",
                  "--video", "synthetic", "--arms", "baseline,tome,visionzip,vidcom2,stc", "--out", str(tmp_path))

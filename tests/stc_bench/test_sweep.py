@@ -6,11 +6,13 @@ import pytest
 
 from tests.stc_bench.test_cli import run_folder
 
-SWEEP = ["sweep", "--scale", "tiny", "--ratio", "0.1,0.25,0.5", "--repeats", "3", "--warmup", "1", "--device", "cpu"]
+SWEEP = ["sweep", "toy", "--scale", "tiny", "--ratio", "0.1,0.25,0.5", "--repeats", "3", "--warmup", "1", "--device", "cpu",
+         "--video", "synthetic"]
+"""A sweep of the toy framework (the ``toy`` fixture registers it): the sweep machinery, not a model."""
 
 
 @pytest.mark.tier1
-def test_sweep_writes_every_point_file_and_plot(cli, tmp_path):
+def test_sweep_writes_every_point_file_and_plot(cli, toy, tmp_path):
     result = cli(*SWEEP, "--frames", "4", "--interval", "2,4", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     folder = run_folder(tmp_path)
@@ -27,7 +29,7 @@ def test_sweep_writes_every_point_file_and_plot(cli, tmp_path):
     assert "#### stc r0.5 N2 k64" in (folder / "report.md").read_text()
 
 
-def test_an_interrupted_sweep_resumes_to_the_same_point_set(cli, tmp_path, monkeypatch):
+def test_an_interrupted_sweep_resumes_to_the_same_point_set(cli, toy, no_plots, tmp_path, monkeypatch):
     import stc_bench.runner as runner
 
     reference = cli(*SWEEP, "--frames", "4,6", "--out", str(tmp_path / "ref"))
