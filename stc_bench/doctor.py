@@ -21,7 +21,8 @@ import torch
 from stc.integrations.hf_vit import cuda_graphs_refused
 from stc_bench.device import Device, HostSyncError
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
-from stc_bench.launches import PREQUEUE_HEAD_START, launch_verdict, prequeued_pass, sleep_cycles_per_ms, sleep_on
+from stc_bench.launches import PREQUEUE_HEAD_START, prequeued_pass, sleep_cycles_per_ms, sleep_on
+from stc_bench.measurement import launch_verdict
 from stc_bench.timing import StageTimer, wall_clock_ms
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ Two figures per arm and stage tell a user when that happens, each from one untim
   counts 0 here (the graph itself is one launch). The same code path counts on CPU and GPU.
 - **pre-queued spans** (CUDA only): the stage's span sum in a pass enqueued behind a sleep kernel.
   The GPU then never waits for a launch, so those spans are GPU time alone; when the normal
-  spans exceed them by more than ``LAUNCH_BOUND_EXCESS`` the stage is launch-bound
-  (``launch_verdict``), and raising ``--chunk-frames`` or replaying CUDA graphs would help.
+  spans exceed them by more than ``LAUNCH_BOUND_EXCESS`` (in ``stc_bench.measurement``) the stage is launch-bound
+  (``stc_bench.measurement.launch_verdict``), and raising ``--chunk-frames`` or replaying CUDA graphs would help.
   A CPU runs each operator as it is issued: there is no launch queue to judge there.
 """
 
@@ -20,22 +20,19 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stc_bench.device import Device
+from stc_bench.measurement import StageLaunches
 from stc_bench.timing import StageTimer, host_ms, wall_clock_ms
 
 if TYPE_CHECKING:
     from stc_bench.frameworks.framework import Pipeline
     from stc_bench.methods.method import Arm
 
-LAUNCH_BOUND_EXCESS = 0.20
-"""A stage whose spans take this much longer than the same work pre-queued behind a sleep kernel
-keeps the GPU waiting for the host's launches."""
 PREQUEUE_HEAD_START = 2.0
 """The sleep kernel that pre-queues a pass lasts this many times the pass's wall time."""
 METADATA_OPS = frozenset({
@@ -82,53 +79,6 @@ class _CountingTimer(StageTimer):
                 yield
             finally:
                 self._counter.owner = None
-
-
-@dataclass(frozen=True)
-class StageLaunches:
-    """The launch figures of one stage of one arm (see the module docstring)."""
-
-    operators_per_frame: float
-    """Operators dispatched inside the stage's spans, per frame of the stream."""
-    prequeued_ms: float | None = None
-    """Span sum of the stage in a pass pre-queued behind a sleep kernel (CUDA only)."""
-    span_ms: float | None = None
-    """Span sum of the stage in a normal pass right before it (CUDA only)."""
-    enqueue_ms: float | None = None
-    """Host time to enqueue the whole pre-queued pass."""
-    head_start_ms: float | None = None
-    """Length of the sleep kernel the pass was queued behind."""
-
-    @property
-    def verdict(self) -> str | None:
-        """"launch-bound (...)", "GPU-bound (...)", "no verdict: ...", or None on CPU."""
-        if self.prequeued_ms is None or self.span_ms is None:
-            return None
-        return launch_verdict(self.span_ms, self.prequeued_ms, self.enqueue_ms, self.head_start_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StageLaunches:
-        """Inverse of ``to_dict``."""
-        return cls(**data)
-
-
-def launch_verdict(span_ms: float, prequeued_ms: float, enqueue_ms: float, head_start_ms: float) -> str:
-    """Whether a pass (or a stage of it) is launch-bound, from its span sum and the span sum of
-    the same work enqueued behind a ``head_start_ms`` sleep kernel (``enqueue_ms``: how long the
-    host took to enqueue the pass). No verdict when the host was not done before the sleep ended
-    (it blocked on the device between spans, or its launch queue filled), as the GPU may then
-    have waited there too."""
-    if enqueue_ms >= head_start_ms:
-        return (f"no verdict: the host took {enqueue_ms:.1f} ms to enqueue the pass, longer than the "
-                f"{head_start_ms:.1f} ms head start (it waited for the device between spans, or its launch queue filled)")
-    excess = span_ms / max(prequeued_ms, 1e-6) - 1
-    if excess > LAUNCH_BOUND_EXCESS:
-        return f"launch-bound (+{excess:.0%} over pre-queued): raise --chunk-frames or use --cuda-graph"
-    return f"GPU-bound ({excess:+.0%} over pre-queued)"
 
 
 def sleep_on(device: Device, cycles: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
@@ -215,3 +215,55 @@ def paired_reduction(baseline: Measurement, arm: Measurement, seed: int = 0) -> 
     resampled = 1.0 - np.median(new[idx], axis=1) / np.median(base[idx], axis=1)  # (B,)
     low, high = np.percentile(resampled, [2.5, 97.5])
     return Reduction(baseline.spec.stage, on_min, on_median, float(low), float(high), n, spread)
+
+
+LAUNCH_BOUND_EXCESS = 0.20
+"""A stage whose spans take this much longer than the same work pre-queued behind a sleep kernel
+keeps the GPU waiting for the host's launches."""
+
+
+@dataclass(frozen=True)
+class StageLaunches:
+    """The launch figures of one stage of one arm, from untimed passes (``stc_bench.launches``)."""
+
+    operators_per_frame: float
+    """Operators dispatched inside the stage's spans, per frame of the stream."""
+    prequeued_ms: float | None = None
+    """Span sum of the stage in a pass pre-queued behind a sleep kernel (CUDA only)."""
+    span_ms: float | None = None
+    """Span sum of the stage in a normal pass right before it (CUDA only)."""
+    enqueue_ms: float | None = None
+    """Host time to enqueue the whole pre-queued pass."""
+    head_start_ms: float | None = None
+    """Length of the sleep kernel the pass was queued behind."""
+
+    @property
+    def verdict(self) -> str | None:
+        """"launch-bound (...)", "GPU-bound (...)", "no verdict: ...", or None on CPU."""
+        if self.prequeued_ms is None or self.span_ms is None:
+            return None
+        return launch_verdict(self.span_ms, self.prequeued_ms, self.enqueue_ms, self.head_start_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageLaunches:
+        """Inverse of ``to_dict``."""
+        return cls(**data)
+
+
+def launch_verdict(span_ms: float, prequeued_ms: float, enqueue_ms: float, head_start_ms: float) -> str:
+    """Whether a pass (or a stage of it) is launch-bound, from its span sum and the span sum of
+    the same work enqueued behind a ``head_start_ms`` sleep kernel (``enqueue_ms``: how long the
+    host took to enqueue the pass). No verdict when the host was not done before the sleep ended
+    (it blocked on the device between spans, or its launch queue filled), as the GPU may then
+    have waited there too."""
+    if enqueue_ms >= head_start_ms:
+        return (f"no verdict: the host took {enqueue_ms:.1f} ms to enqueue the pass, longer than the "
+                f"{head_start_ms:.1f} ms head start (it waited for the device between spans, or its launch queue filled)")
+    excess = span_ms / max(prequeued_ms, 1e-6) - 1
+    if excess > LAUNCH_BOUND_EXCESS:
+        return f"launch-bound (+{excess:.0%} over pre-queued): raise --chunk-frames or use --cuda-graph"
+    return f"GPU-bound ({excess:+.0%} over pre-queued)"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from stc_bench.config import BenchConfig
 from stc_bench.errors import BenchUsageError
-from stc_bench.measurement import BASELINE, STAGE_ORDER, Measurement, Reduction, StageSpec, paired_reduction
+from stc_bench.measurement import BASELINE, STAGE_ORDER, Measurement, Reduction, StageLaunches, StageSpec, paired_reduction
 from stc_bench.methods.method import Arm
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ class ArmResult:
     """Raw samples, one per timed stream in round order: ``minor_faults``, ``major_faults`` and
     ``system_ms`` of the whole process during the stream (``getrusage``); None in files written
     before stc-bench recorded them, or where the OS does not count them."""
+    launches: dict[str, dict[str, Any]] | None = None
+    """Per stage, the launch figures of one untimed pass (``stc_bench.launches.StageLaunches``):
+    operators dispatched per frame, and on CUDA the pre-queued span sum the launch-bound verdict
+    is judged from; None in files written before stc-bench recorded them."""
 
     @property
     def page_faults(self) -> list[float]:
@@ -79,6 +83,8 @@ class ArmResult:
              "graphs": self.graphs}
         if self.host_usage is not None:
             d["host_usage"] = self.host_usage
+        if self.launches is not None:
+            d["launches"] = self.launches
         return copy.deepcopy(d)
 
     @classmethod
@@ -87,7 +93,8 @@ class ArmResult:
         host = d.get("host_usage")
         return cls(d["frames"], Arm.from_dict(d["arm"]), dict(d["macs"]), dict(d["tokens"]), dict(d.get("fidelity", {})),
                    list(d.get("chunk_kinds", [])), d.get("recompute_fraction"), d.get("graphs"),
-                   {k: list(v) for k, v in host.items()} if host is not None else None)
+                   {k: list(v) for k, v in host.items()} if host is not None else None,
+                   copy.deepcopy(d.get("launches")))
 
 
 @dataclass
@@ -170,7 +177,9 @@ class RunResult:
         flop_reduction, efficiency (empty on baseline rows); and the arm's fidelity, recompute
         fraction, peak memory, and median page faults and system ms per timed stream
         (page_faults_median, system_ms_median: the whole stream, the same on each stage row;
-        empty where not recorded). Every view of a run reads this.
+        empty where not recorded); the stage's operators_per_frame and, on CUDA,
+        launch_verdict (``stc_bench.launches``; empty where not recorded). Every view of a run
+        reads this.
         """
         key = (len(self.measurements), len(self.arms), tuple(m.n for m in self.measurements),
                tuple(bool(m.metadata) for m in self.measurements))
@@ -215,6 +224,10 @@ class RunResult:
                 faults, system = facts.page_faults, (facts.host_usage or {}).get("system_ms", [])
                 row["page_faults_median"] = float(statistics.median(faults)) if faults else None
                 row["system_ms_median"] = float(statistics.median(system)) if system else None
+                launches = (facts.launches or {}).get(stage)
+                figures = StageLaunches.from_dict(launches) if launches is not None else None
+                row["operators_per_frame"] = figures.operators_per_frame if figures is not None else None
+                row["launch_verdict"] = figures.verdict if figures is not None else None
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -479,6 +492,14 @@ def check_document(d: dict[str, Any]) -> None:
         if a.get("recompute_fraction") is not None:
             _number(a["recompute_fraction"], f"{where}.recompute_fraction", minimum=0)
         _field(a, "graphs", where, (dict,), "an object", optional=True)
+        for stage, figures in (_field(a, "launches", where, (dict,), "an object", optional=True) or {}).items():
+            if not isinstance(figures, dict):
+                raise _Malformed(f"{where}.launches.{stage} is {_kind(figures)}, not an object")
+            _number(_field(figures, "operators_per_frame", f"{where}.launches.{stage}", (int, float), "a number"),
+                    f"{where}.launches.{stage}.operators_per_frame", minimum=0)
+            for key in ("prequeued_ms", "span_ms", "enqueue_ms", "head_start_ms"):
+                if figures.get(key) is not None:
+                    _number(figures[key], f"{where}.launches.{stage}.{key}", minimum=0)
         for key, values in (_field(a, "host_usage", where, (dict,), "an object", optional=True) or {}).items():
             if not isinstance(values, list):
                 raise _Malformed(f"{where}.host_usage.{key} is {_kind(values)}, not a list of per-stream counts")

@@ -9,7 +9,9 @@ pruner memory, a freshly attached cacher).
 Before any timed pass, one untimed *prepare* pass per arm captures features and logits for
 the fidelity figures and does every one-time thing a stream shape needs (CUDA-graph capture,
 index tensors on the device, the timer's events, allocator growth), so no timed span pays for
-them, whatever ``--warmup`` is. The warm-up rounds that follow run the timed rounds' exact
+them, whatever ``--warmup`` is. Then one more untimed pass per arm counts the operators each
+stage dispatches per frame, and on CUDA a pass pre-queued behind a sleep kernel tells whether a
+stage is launch-bound (``stc_bench.launches``). The warm-up rounds that follow run the timed rounds' exact
 passes (same clip, shapes and arm order), so they reach the state the timed rounds run in. The
 run's device is the current CUDA device throughout.
 
@@ -55,6 +57,7 @@ from stc_bench.fidelity import compare_streams
 from stc_bench.frameworks import get_framework
 from stc_bench.frameworks.framework import FrameworkSpec, Pipeline, StreamOutput
 from stc_bench.frameworks.parts import attention_implementations
+from stc_bench.launches import profile_launches
 from stc_bench.measurement import BASELINE, Measurement
 from stc_bench.methods import get_method
 from stc_bench.methods.method import COMPRESS, Arm, HookSite, MethodError
@@ -275,6 +278,7 @@ def measure_frame_count(
         logger.warning("resuming %d frames: %d of %d rounds already measured", frames, done, config.repeats)
     timer = StageTimer(device)
     captured = prepare_arms(pipeline, clip, arms, timer, chunk_frames)
+    launches = {arm.label: profile_launches(pipeline, clip, arm, device, chunk_frames) for arm in arms}
     tick(1)
     for repeat in range(config.warmup + config.repeats):
         measured = repeat >= config.warmup
@@ -324,6 +328,7 @@ def measure_frame_count(
             recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
             graphs=dataclasses.asdict(out.graph_stats) if out.graph_stats is not None else None,
             host_usage={key: list(host[key]) for key in HOST_USAGE_KEYS} if any(host.values()) else None,
+            launches={stage: figures.to_dict() for stage, figures in launches[arm.label].items()},
         ))
     return measurements, facts
 

@@ -10,6 +10,7 @@ from stc_bench.report.tables import (
     fidelity_line,
     host_line,
     host_warnings,
+    launch_lines,
     memory_line,
     stage_rows,
 )
@@ -44,6 +45,7 @@ def caveats(result: RunResult) -> list[str]:
         if unused:
             out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
     out += [f"Page faults differ between arms: {w}." for frames in result.frame_counts for w in host_warnings(result, frames)]
+    out += [f"Launches, {frames} frames: {line}." for frames in result.frame_counts for line in launch_lines(result, frames)]
     noisy = [w for m in result.measurements for w in m.warnings]
     if noisy:
         out.append("Noisy or small measurements (treat differences within their interval as no difference): "

@@ -115,7 +115,7 @@ def fidelity_cell(row) -> str:
 
 
 STAGE_HEADERS = ["stage", "baseline ms median (min)", "arm ms median (min)", "reduction median [95% CI]",
-                 "round IQR", "reduction min", "FLOP limit", "efficiency", "tokens base → arm"]
+                 "round IQR", "reduction min", "FLOP limit", "efficiency", "tokens base → arm", "ops/frame base → arm"]
 
 
 def points(x: float | None) -> str:
@@ -143,8 +143,26 @@ def stage_rows(result: RunResult, frames: int, arm_label: str) -> list[list[str]
             pct(r.flop_reduction),
             "—" if is_missing(r.efficiency) else f"{r.efficiency:.2f}",
             f"{int(b.tokens):,} → {int(r.tokens):,}",
+            _operators(b, r),
         ])
     return rows
+
+
+def _operators(base, row) -> str:
+    """Operators dispatched per frame, baseline → arm (— where the run did not count them)."""
+    if is_missing(getattr(base, "operators_per_frame", None)) or is_missing(getattr(row, "operators_per_frame", None)):
+        return "—"
+    return f"{base.operators_per_frame:,.0f} → {row.operators_per_frame:,.0f}"
+
+
+def launch_lines(result: RunResult, frames: int) -> list[str]:
+    """One line per stage and arm a GPU run judged launch-bound (or could not judge) at ``frames``
+    frames: the verdict, so a user knows to raise --chunk-frames or use --cuda-graph."""
+    table = result.table()
+    if "launch_verdict" not in table:
+        return []
+    rows = table[(table.frames == frames) & table.launch_verdict.notna()]
+    return [f"{r.arm}, {r.stage}: {r.launch_verdict}" for r in rows.itertuples() if not r.launch_verdict.startswith("GPU-bound")]
 
 
 def fidelity_line(result: RunResult, frames: int, arm_label: str) -> str:

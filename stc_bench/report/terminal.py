@@ -13,6 +13,7 @@ from stc_bench.report.tables import (
     fidelity_line,
     host_line,
     host_warnings,
+    launch_lines,
     memory_line,
     stage_rows,
 )
@@ -61,5 +62,7 @@ def render_tables(result: RunResult, console: Console) -> None:
                 console.print(line, highlight=False, markup=False, emoji=False)
         for warning in host_warnings(result, frames):
             console.print(f"[yellow]warning:[/] {escape(warning)}", emoji=False)
+        for line in launch_lines(result, frames):
+            console.print(f"[yellow]launches:[/] {frames} frames, {escape(line)}", emoji=False)
     for err in result.errors:  # the CLI prints the run's own error once, on stderr, as "error: ..."
         console.print(f"[red]recorded error:[/] {escape(err)}", emoji=False)

@@ -9,7 +9,7 @@ import torch
 
 from stc_bench import doctor
 from stc_bench.device import HOST_READS, Device, HostSyncError, forbid_host_syncs, host_resident, resolve_device
-from stc_bench.launches import launch_verdict
+from stc_bench.measurement import launch_verdict
 from stc_bench.timing import StageTimer
 
 CPU = resolve_device("cpu")
