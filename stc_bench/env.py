@@ -333,6 +333,7 @@ def _git_commit() -> str | None:
 
 
 def _read_text(path: Path) -> str | None:
+    """A small sysfs/procfs file's stripped text; None where it cannot be read (containers hide many)."""
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError:
@@ -340,6 +341,7 @@ def _read_text(path: Path) -> str | None:
 
 
 def _mhz(khz: list[str | None]) -> list[float]:
+    """cpufreq's kHz readings as MHz, the unreadable ones left out."""
     return [int(k) / 1000 for k in khz if k is not None and k.isdigit()]
 
 

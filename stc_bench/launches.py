@@ -5,9 +5,12 @@ longer to launch them than the GPU takes to run them, and then a reduction in FL
 Two figures per arm and stage tell a user when that happens, each from one untimed pass:
 
 - **operators per frame**: the operators a stage dispatches, counted by a dispatch mode (views
-  and other metadata-only operators left out), divided by the frames of the pass. Each launches
-  at least one kernel on a GPU; a CUDA-graph replay dispatches nothing, so a replayed layer
-  counts 0 here (the graph itself is one launch). The same code path counts on CPU and GPU.
+  and other metadata-only operators left out) under ``no_grad``, where composite operators
+  (linear, cosine similarity) are split into those that run, divided by the frames of the pass.
+  Each launches at least one kernel on a GPU; a CUDA-graph replay dispatches nothing, so a
+  replayed layer counts 0 here (the graph itself is one launch). The same code path counts on
+  CPU and GPU. Compiled arms (``--compile``) get no count: torch.compile does not compile under
+  a dispatch mode, so what it would count is not what the timed passes run.
 - **pre-queued spans** (CUDA only): the stage's span sum in a pass enqueued behind a sleep kernel.
   The GPU then never waits for a launch, so those spans are GPU time alone; when the normal
   spans exceed them by more than ``LAUNCH_BOUND_EXCESS`` (in ``stc_bench.measurement``) the stage is launch-bound
@@ -99,6 +102,7 @@ def sleep_cycles_per_ms(device: Device) -> float:
 
 
 def _stage_sums(spans) -> dict[str, float]:
+    """Milliseconds per stage, summed over the chunks of one pass."""
     sums: dict[str, float] = collections.defaultdict(float)
     for span in spans:
         sums[span.stage] += span.ms
@@ -118,28 +122,32 @@ def profile_launches(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: D
                      cycles_per_ms: float | None = None) -> dict[str, StageLaunches]:
     """The launch figures of every stage of ``arm``, from untimed passes over ``clip`` (run it
     after the arm's prepare pass, so one-time work is done). ``cycles_per_ms``: the sleep
-    kernel's rate (``sleep_cycles_per_ms``), measured once per run; CUDA only."""
+    kernel's rate (``sleep_cycles_per_ms``; probed here when not given); CUDA only."""
     frames = clip.shape[0]
     counter = OperatorCounter()
     timer = _CountingTimer(device, counter)
+    compiled = bool(dict(arm.knobs).get("compile", False))
+    # Out of inference mode (which a run's passes are under), so composite operators split.
+    with torch.inference_mode(False), torch.no_grad(), (contextlib.nullcontext() if compiled else counter):
+        pipeline.stream(clip, arm, timer, chunk_frames)
+    spans = timer.finish()
+    stages = list(dict.fromkeys(span.stage for span in spans))
+    per_frame = {stage: None if compiled else sum(counter.by_owner[stage].values()) / frames for stage in stages}
+    if not device.is_cuda:
+        return {stage: StageLaunches(n) for stage, n in per_frame.items()}
     with torch.inference_mode():
-        with counter:
-            pipeline.stream(clip, arm, timer, chunk_frames)
-        timer.finish()
-        per_frame = {stage: sum(counts.values()) / frames for stage, counts in counter.by_owner.items() if stage is not None}
-        if not device.is_cuda:
-            return {stage: StageLaunches(n) for stage, n in per_frame.items()}
         plain = StageTimer(device)
-        spans: list = []
+        plain.reserve(len(spans))  # events made here, not inside the reference pass's spans
+        reference_spans: list = []
 
         def normal_pass() -> None:
             pipeline.stream(clip, arm, plain, chunk_frames)
-            spans.extend(plain.finish())
+            reference_spans.extend(plain.finish())
 
         wall = wall_clock_ms(device, normal_pass)
         head_start = PREQUEUE_HEAD_START * wall
         rate = sleep_cycles_per_ms(device) if cycles_per_ms is None else cycles_per_ms
         prequeued, enqueue = prequeued_pass(pipeline, clip, arm, plain, chunk_frames, device, int(head_start * rate))
-    normal = _stage_sums(spans)
+    normal = _stage_sums(reference_spans)
     return {stage: StageLaunches(n, prequeued.get(stage), normal.get(stage), enqueue, head_start)
             for stage, n in per_frame.items()}

@@ -226,8 +226,9 @@ keeps the GPU waiting for the host's launches."""
 class StageLaunches:
     """The launch figures of one stage of one arm, from untimed passes (``stc_bench.launches``)."""
 
-    operators_per_frame: float
-    """Operators dispatched inside the stage's spans, per frame of the stream."""
+    operators_per_frame: float | None
+    """Operators dispatched inside the stage's spans, per frame of the stream (None: not counted,
+    as for compiled arms)."""
     prequeued_ms: float | None = None
     """Span sum of the stage in a pass pre-queued behind a sleep kernel (CUDA only)."""
     span_ms: float | None = None
@@ -250,8 +251,8 @@ class StageLaunches:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageLaunches:
-        """Inverse of ``to_dict``."""
-        return cls(**data)
+        """Inverse of ``to_dict``; keys written by a newer stc-bench are ignored."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def launch_verdict(span_ms: float, prequeued_ms: float, enqueue_ms: float, head_start_ms: float) -> str:

@@ -495,9 +495,7 @@ def check_document(d: dict[str, Any]) -> None:
         for stage, figures in (_field(a, "launches", where, (dict,), "an object", optional=True) or {}).items():
             if not isinstance(figures, dict):
                 raise _Malformed(f"{where}.launches.{stage} is {_kind(figures)}, not an object")
-            _number(_field(figures, "operators_per_frame", f"{where}.launches.{stage}", (int, float), "a number"),
-                    f"{where}.launches.{stage}.operators_per_frame", minimum=0)
-            for key in ("prequeued_ms", "span_ms", "enqueue_ms", "head_start_ms"):
+            for key in ("operators_per_frame", "prequeued_ms", "span_ms", "enqueue_ms", "head_start_ms"):
                 if figures.get(key) is not None:
                     _number(figures[key], f"{where}.launches.{stage}.{key}", minimum=0)
         for key, values in (_field(a, "host_usage", where, (dict,), "an object", optional=True) or {}).items():

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from stc.cacher.compiled import compile_failure
 from stc_bench.allocator import HOST_USAGE_KEYS, AllocatorSettings, host_usage, steady_allocator
 from stc_bench.config import BenchConfig, parse_arm_override
 from stc_bench.device import Device, ThreadSettings, pin_cpu_threads, resolve_device, resolve_dtype
@@ -215,6 +216,7 @@ def arms_of(config: BenchConfig, site: HookSite) -> list[Arm]:
 
 
 def _empty_host() -> dict[str, list]:
+    """No host-usage samples yet: one empty list per ``getrusage`` figure."""
     return {key: [] for key in HOST_USAGE_KEYS}
 
 
@@ -473,6 +475,8 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
             folder.save_result(result)
             folder.clear_progress()
     result.complete = set(config.frames) <= set(result.frame_counts)
+    if config.compile and compile_failure() is not None:
+        result.run["compile_failure"] = compile_failure()
     result.environment["gpu_state_after"] = gpu_state(device)
     if folder is not None:
         folder.save_result(result)

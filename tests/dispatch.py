@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from stc_bench.launches import METADATA_OPS, OperatorCounter
+from stc_bench.launches import OperatorCounter
 
-__all__ = ["METADATA_OPS", "OperatorCounter", "counted_per_layer"]
 
 @contextlib.contextmanager
 def counted_per_layer(layers: list[nn.Module]) -> Iterator[OperatorCounter]:

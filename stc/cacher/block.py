@@ -115,11 +115,12 @@ def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return t.reshape(frames * tokens, width).index_select(0, rows).view(frames, -1, width)
 
 
-def with_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def with_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new contiguous copy of base (S, n, d) (which may be a broadcast one-frame reference)
-    whose rows ``rows`` (S * r,) are replaced by values (S, r, d); ``base`` is left untouched."""
-    out = base.clone(memory_format=torch.contiguous_format)                    # (S, n, d), never base itself
-    out.view(-1, out.shape[-1]).index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
+    whose rows ``rows`` (S * r,) are replaced by values (S, r, d), in ``dtype`` (default: base's);
+    ``base`` is left untouched."""
+    out = base.to(dtype or base.dtype, memory_format=torch.contiguous_format, copy=True)  # (S, n, d), never base
+    out.view(-1, out.shape[-1]).index_copy_(0, rows, values.reshape(-1, values.shape[-1]).to(out.dtype))
     return out
 
 
@@ -152,8 +153,9 @@ def selective_forward(
     h_sel = take_rows(h, rows)                        # (S, r, d)
     v = with_rows(reference.values, rows, ops.value(h_sel))                    # (S, n, d)
     a_sel = ops.attend(ops.query(h_sel, index), k, v)                          # (S, r, d)
-    # x + a, with a the reference's attention output and fresh rows; a + x == x + a bit for bit
-    x = with_rows(reference.attn, rows, a_sel).add_(x)                         # (S, n, d)
+    # x + a, with a the reference's attention output and fresh rows; a + x == x + a bit for bit.
+    # The sum is made in the type x + a would have (under autocast a may be narrower than x).
+    x = with_rows(reference.attn, rows, a_sel, torch.result_type(x, a_sel)).add_(x)   # (S, n, d)
     x_sel = take_rows(x, rows)                        # (S, r, d); LN is per token, so take rows first
     m_sel = ops.mlp(ops.norm2(x_sel))                 # (S, r, d)
     # x + m: unselected rows add the reference's MLP output, selected rows their fresh one

@@ -14,7 +14,8 @@ add back seven launches per layer, so here nothing is copied where the address i
   read layer 0's token index) are read in place; anything else (layer 0's input, a batch mixing
   refresh and selective frames) is copied into a buffer of the graph.
 - **Outputs** are handed out as the graph's own buffers, not copies. Lifetime: a layer's output
-  is valid until that layer's next selective call, i.e. until the next frame is fed. The stream
+  is valid until the tower's next selective call (graphs share one memory pool, so any later
+  replay may reuse its memory), i.e. until the next frame is fed. The stream
   copies the last layer's output once per call (``stc.cacher.stream``), so the tower's output
   can be kept; callers that keep earlier layers' hidden states across calls
   (``output_hidden_states`` collected frame by frame) must clone them.
@@ -154,6 +155,7 @@ class GraphStats:
 
 
 def _layout(t: torch.Tensor) -> tuple:
+    """What identifies a fixed buffer: address, shape, strides and dtype."""
     return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
@@ -168,13 +170,14 @@ class SelectiveGraphs:
         """Layouts (address, shape, strides, dtype) of every buffer the graphs own: such a tensor
         is read in place by a graph, never copied."""
         self.disabled_reason: str | None = None
+        self._captures = 0
         self._replays = 0
         self._eager = 0
 
     @property
     def stats(self) -> GraphStats:
         """Captures, replays and eager fallbacks so far (a snapshot: later calls do not change it)."""
-        return GraphStats(len(self._captured), self._replays, self._eager, self.disabled_reason)
+        return GraphStats(self._captures, self._replays, self._eager, self.disabled_reason)
 
     def _fall_back(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -199,6 +202,8 @@ class SelectiveGraphs:
         source = LayerReference(*(t[frame : frame + 1] for t in (reference.keys, reference.values, reference.attn, reference.mlp)))
         if slots is None or slots[0].keys.shape != source.keys.shape or slots[0].keys.dtype != source.keys.dtype:
             # made in the caller's autograd mode, like every fixed buffer, and written in inference mode
+            if slots is not None:  # new shapes: the old slots go, and every graph that read them
+                self._forget({_layout(t) for slot in slots for t in (slot.keys, slot.values, slot.attn, slot.mlp)})
             slots = [LayerReference(*(torch.empty_like(t, memory_format=torch.contiguous_format)
                                       for t in (source.keys, source.values, source.attn, source.mlp)))
                      for _ in range(2)]
@@ -210,6 +215,15 @@ class SelectiveGraphs:
                                     (source.keys, source.values, source.attn, source.mlp)):
                 fixed.copy_(fresh)
         return slot
+
+    def _forget(self, layouts: set[tuple]) -> None:
+        """Drop buffers about to be freed, and the graphs that read them in place: a later tensor
+        at one of those addresses is not theirs. (Graphs of the next layers that read a dropped
+        graph's output in place are keyed by its layout too, and go with it.)"""
+        while layouts:
+            self._fixed -= layouts
+            stale = [key for key in self._captured if any(layout in layouts for layout in key[4] if len(layout) == 4)]
+            layouts = {_layout(t) for key in stale for t in self._captured.pop(key).outputs}
 
     def run(
         self,
@@ -225,7 +239,7 @@ class SelectiveGraphs:
 
         ``layer_key`` identifies the layer and its weights (a graph reads weights by address, so
         a layer whose parameters were replaced must not replay an old graph). The outputs are
-        the graph's own buffers: valid until this layer's next selective call."""
+        the graph's own buffers: valid until the tower's next selective call."""
         if not self.active_for(x):
             self._eager += 1
             return selective_forward(ops, x, reference, count, metric, index)
@@ -246,6 +260,7 @@ class SelectiveGraphs:
                 self._eager += 1
                 return selective_forward(ops, x, reference, count, metric, index)
             self._captured[key] = captured
+            self._captures += 1
             self._fixed.update(_layout(t) for t in captured.outputs)
         return self._replay(captured, inputs)
 

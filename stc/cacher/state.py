@@ -111,14 +111,19 @@ class CallPlan:
 class StreamCheckpoint:
     """The stream as it was before a call, so that a call that raises part-way can be undone.
 
-    Holds the references by pointer (a refresh frame replaces a layer's reference, never writes
-    into it), and the record list with its length (a call appends to it, a reset replaces it)."""
+    Holds the references by pointer, and the record list with its length (a call appends to it,
+    a reset replaces it). Eager, a refresh frame replaces a layer's reference and never writes
+    into it. Under CUDA graphs references live in two slots per layer that refresh calls write in
+    turn: one refresh call since the checkpoint leaves the checkpoint's slot intact, a second one
+    overwrites it, so ``slot_writes`` tells ``restore`` whether the pointers still hold what they
+    held."""
 
     frame_index: int
     tokens_per_frame: int | None
     references: tuple[LayerReference | None, ...]
     records: list[CallRecord]
     record_count: int
+    slot_writes: int = 0
 
 
 class CacherState:
@@ -137,6 +142,8 @@ class CacherState:
         """True: frames of a new token count start a new stream; False: they are an error."""
         self.call_shape: tuple[int, int] | None = None
         """(frames, tokens per frame) of the current call, for towers that see a flat sequence."""
+        self.slot_writes = 0
+        """Refresh calls whose references went into graph slots (written in place), ever."""
         self.passthrough = False
         """True while the tower serves a call outside the stream (an image through a whole model):
         the patched forwards then run the original ones and leave the stream untouched."""
@@ -160,7 +167,7 @@ class CacherState:
     def checkpoint(self) -> StreamCheckpoint:
         """The stream as it is now (no tensor is copied), for ``restore``."""
         return StreamCheckpoint(self.frame_index, self.tokens_per_frame, tuple(self.references), self.records,
-                                len(self.records))
+                                len(self.records), self.slot_writes)
 
     def restore(self, checkpoint: StreamCheckpoint) -> None:
         """Put the stream back as it was at ``checkpoint``: frame counter, references, statistics.
@@ -168,6 +175,8 @@ class CacherState:
         self.frame_index = checkpoint.frame_index
         self.tokens_per_frame = checkpoint.tokens_per_frame
         self.references = list(checkpoint.references)
+        if self.slot_writes - checkpoint.slot_writes > 1:  # both slots rewritten since: the pointers hold later frames
+            self.references = [None] * self.num_layers  # so the next frame refreshes instead of reading them
         self.records = checkpoint.records
         del self.records[checkpoint.record_count :]
         self.plan = None

@@ -53,6 +53,8 @@ def cached_layer_forward(
     def keep(reference: LayerReference, frame: int) -> LayerReference:
         """The reference later frames read: in a graph's reference slot when graphs replay."""
         if graphed:
+            if layer_index == 0:
+                state.slot_writes += 1
             return graphs.keep_reference(layer_key, reference, frame, state.references[layer_index])
         return reference.frame(frame)
 

@@ -99,12 +99,13 @@ class Arm:
 
     @property
     def label(self) -> str:
-        """Short human label: ``baseline``, ``stc r0.25 N2 k64``, ``tome k64``."""
+        """Short human label: ``baseline``, ``stc r0.25 N2 k64``, ``tome k64``; a switch with a
+        short name shows it when on (``stc r0.25 N2 k64 compiled``) and nothing when off."""
         from stc_bench.methods import get_method
 
         shorts = {k.name: k.short for k in get_method(self.method).knobs}
-        parts = [f"{shorts[name]}{value:g}" if isinstance(value, float) else f"{shorts[name]}{value}"
-                 for name, value in self.knobs if shorts.get(name)]
+        parts = [shorts[name] if isinstance(value, bool) else f"{shorts[name]}{value:g}" if isinstance(value, float)
+                 else f"{shorts[name]}{value}" for name, value in self.knobs if shorts.get(name) and value is not False]
         return " ".join([self.method, *parts])
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ METHOD = MethodSpec(
         Knob("metric", str, "cosine", "STC-Cacher token-change metric", check=_one_of(METRICS)),
         Knob("selection", str, "shared", "STC-Cacher: shared (first layer picks) or per_layer", check=_one_of(SELECTIONS)),
         Knob("cuda_graph", bool, False, "STC-Cacher: replay selective layers from CUDA graphs"),
-        Knob("compile", bool, False, "STC-Cacher: run selective layers through torch.compile"),
+        Knob("compile", bool, False, "STC-Cacher: run selective layers through torch.compile", "compiled"),
     ),
     hooks=frozenset({TOWER, COMPRESS}),
     stream=STCStream,

@@ -44,6 +44,8 @@ def caveats(result: RunResult) -> list[str]:
                          for a in result.compared if a.arm.method == "stc" and not (a.graphs or {}).get("replays")})
         if unused:
             out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
+    if result.run.get("compile_failure"):
+        out.append(f"--compile was asked for, but torch.compile failed and the STC arms ran eager: {result.run['compile_failure']}")
     out += [f"Page faults differ between arms: {w}." for frames in result.frame_counts for w in host_warnings(result, frames)]
     out += [f"Launches, {frames} frames: {line}." for frames in result.frame_counts for line in launch_lines(result, frames)]
     noisy = [w for m in result.measurements for w in m.warnings]
@@ -65,7 +67,8 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
                  "per-stream totals; the interval is a paired bootstrap over repeats. *FLOP limit* is the analytic "
                  "multiply-add reduction for the same settings; *efficiency* = measured median reduction / FLOP limit. "
                  "*Round IQR* is the interquartile range of the reductions of the single rounds (each round times every "
-                 "arm once, interleaved): a change between runs well within it is noise.")
+                 "arm once, interleaved): how much a single round's reduction moves. The run's median varies far less "
+                 "than that; to tell whether two runs differ, use the intervals or stc-bench compare.")
     for frames in result.frame_counts:
         parts += ["", f"### {frames} frames", "", _table(arm_headers(result), arm_rows(result, frames))]
         for facts in (a for a in result.compared if a.frames == frames):

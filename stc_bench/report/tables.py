@@ -9,7 +9,9 @@ from stc_bench.results import RunResult, is_missing
 
 IDENTITY_COLUMNS = ["framework", "scale", "device", "frames", "method", "arm"]
 STAT_COLUMNS = ["n", "min_ms", "median_ms", "mean_ms", "iqr_ms", "cv", "tokens"]
-REDUCTION_COLUMNS = ["reduction_min", "reduction_median", "ci_low", "ci_high", "round_iqr", "flop_reduction", "efficiency"]
+REDUCTION_COLUMNS = ["reduction_min", "reduction_median", "ci_low", "ci_high", "flop_reduction", "efficiency", "round_iqr"]
+"""Columns of reductions.csv after the arm's identity, in order (new columns go at the end, so
+scripts that read them by position keep working)."""
 SAMPLE_COLUMNS = ["repeat", "time_ms"]
 STAGE_NAMES = {"vit": "ViT", "compress": "compress", "prefill": "pre-fill"}
 
@@ -156,13 +158,19 @@ def _operators(base, row) -> str:
 
 
 def launch_lines(result: RunResult, frames: int) -> list[str]:
-    """One line per stage and arm a GPU run judged launch-bound (or could not judge) at ``frames``
-    frames: the verdict, so a user knows to raise --chunk-frames or use --cuda-graph."""
+    """One line per stage and arm a GPU run judged launch-bound at ``frames`` frames, with what
+    to do; one line for all that could not be judged (a pass whose launches fill the GPU's queue
+    before its head start ends)."""
     table = result.table()
     if "launch_verdict" not in table:
         return []
     rows = table[(table.frames == frames) & table.launch_verdict.notna()]
-    return [f"{r.arm}, {r.stage}: {r.launch_verdict}" for r in rows.itertuples() if not r.launch_verdict.startswith("GPU-bound")]
+    lines = [f"{r.arm}, {r.stage}: {r.launch_verdict}" for r in rows.itertuples() if r.launch_verdict.startswith("launch-bound")]
+    unjudged = sorted({f"{r.arm} {r.stage}" for r in rows.itertuples() if r.launch_verdict.startswith("no verdict")})
+    if unjudged:
+        lines.append(f"no launch-bound verdict for {', '.join(unjudged)}: the host could not queue the pass ahead of the "
+                     "GPU (see stc-bench doctor's spans vs wall)")
+    return lines
 
 
 def fidelity_line(result: RunResult, frames: int, arm_label: str) -> str:
@@ -215,10 +223,11 @@ def host_line(result: RunResult, frames: int) -> str | None:
 
 def host_warnings(result: RunResult, frames: int) -> list[str]:
     """One warning per arm whose median page faults per stream differ from the baseline's by more
-    than ``PAGE_FAULT_GAP`` at ``frames`` frames, saying what to do about it."""
+    than ``PAGE_FAULT_GAP`` at ``frames`` frames, saying what to do about it. CPU runs only: there
+    the faults are the timed work's own; on a GPU the host's memory is not what the spans time."""
     table = result.table()
     rows = table[table.frames == frames].drop_duplicates("arm")
-    if "page_faults_median" not in rows:
+    if "page_faults_median" not in rows or rows.empty or not str(rows.iloc[0].device).startswith("cpu"):
         return []
     base = rows[rows.method == "baseline"]
     if base.empty or is_missing(base.iloc[0].page_faults_median):

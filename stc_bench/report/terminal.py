@@ -29,7 +29,7 @@ def header_lines(result: RunResult) -> list[str]:
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",
         f"device {env.get('device')} ({env.get('device_name')}) | {run['dtype']} | {weights} | video: {run['video']}",
         f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {chunk} frame(s) per step | "
-        f"arms: {', '.join(c.arms)} | cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}",
+        f"arms: {', '.join(c.arms)} | cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}{' + torch.compile' if c.compile else ''}",
     ]
 
 

@@ -1,6 +1,6 @@
 """CacherConfig(compile=True): the selective layers through torch.compile give the eager results.
 
-Compilation takes seconds per graph on CPU, so these tests are ``slow`` (CI runs them)."""
+Compilation takes seconds per graph on CPU, so the tests that compile are ``slow`` (CI runs them)."""
 
 import pytest
 import torch
@@ -9,8 +9,6 @@ import stc
 from stc import CacherConfig
 from tests.conftest import build_tiny_tower, noisy_clip
 
-pytestmark = pytest.mark.slow
-
 
 def _stream(tower, clip, config):
     with stc.cacher_attached(tower, config) as handle, torch.inference_mode():
@@ -18,6 +16,7 @@ def _stream(tower, clip, config):
     return torch.cat(outputs), handle.stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_compiled_selective_layers_match_eager_and_choose_the_same_tokens(kind):
     tower, clip = build_tiny_tower(kind), noisy_clip(6)
@@ -25,3 +24,22 @@ def test_compiled_selective_layers_match_eager_and_choose_the_same_tokens(kind):
     compiled, compiled_stats = _stream(tower, clip, CacherConfig(update_ratio=0.25, cache_interval=2, compile=True))
     assert compiled_stats == eager_stats                       # same frames selective, same token counts
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)  # the compiler may reorder float sums
+
+
+def test_a_failed_compilation_runs_eager_says_why_once_and_gives_the_eager_answer(monkeypatch, caplog):
+    from stc.cacher import compiled
+
+    def broken(device_type):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_failure", [])
+    tower, clip = build_tiny_tower("siglip"), noisy_clip(4)
+    eager, _ = _stream(tower, clip, CacherConfig(update_ratio=0.25, cache_interval=2))
+    with caplog.at_level("WARNING", logger="stc.cacher.compiled"):
+        fallback, _ = _stream(tower, clip, CacherConfig(update_ratio=0.25, cache_interval=2, compile=True))
+    assert torch.equal(fallback, eager)
+    assert compiled.compile_failure() == "RuntimeError: no C++ compiler found"
+    assert caplog.text.count("torch.compile failed, running eager (RuntimeError: no C++ compiler found)") == 1

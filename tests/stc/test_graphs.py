@@ -102,3 +102,42 @@ def test_a_call_whose_refresh_frame_follows_frames_reading_the_stored_reference(
     eager = run(STREAM)
     emulated(tower)
     assert torch.equal(run(GRAPHED), eager)
+
+
+def test_a_rollback_across_two_refresh_calls_refreshes_instead_of_reading_rewritten_slots():
+    """A checkpoint held across several tower calls (a whole model's video entry may call the
+    tower more than once): after two refresh calls both slots hold later frames, so restoring the
+    checkpoint's pointers would read them; the stream drops its references and refreshes."""
+    tower, clip = build_tiny_tower("siglip", num_hidden_layers=2), noisy_clip(8)
+    emulated(tower)
+    with stc.cacher_attached(tower, GRAPHED) as handle, torch.inference_mode():
+        state = handle._state
+        for i in range(3):                                   # frames 0 (refresh), 1, 2 (refresh)
+            tower(pixel_values=clip[i : i + 1])
+        checkpoint = state.checkpoint()
+        tower(pixel_values=clip[3:4])
+        tower(pixel_values=clip[4:5])                        # one refresh call: frame 2's slot intact
+        state.restore(checkpoint)
+        assert all(r is not None for r in state.references)
+        for i in range(3, 7):                                # frames 4 and 6 refresh: both slots rewritten
+            tower(pixel_values=clip[i : i + 1])
+        state.restore(checkpoint)
+        assert state.references == [None, None] and state.frame_index == 3
+        tower(pixel_values=clip[3:4])
+        assert handle.stats.calls[-1].refresh_frames == (3,)  # selective by its index, but nothing to read
+
+
+def test_frames_of_a_new_size_replace_the_slots_and_forget_the_graphs_that_read_them():
+    tower = build_tiny_tower("siglip", num_hidden_layers=2)
+    graphs = emulated(tower)
+    frame_by_frame(tower, noisy_clip(4), GRAPHED)
+    assert len(graphs._captured) == 4
+    small = torch.nn.functional.interpolate(noisy_clip(4), size=(20, 20))  # 100 tokens instead of 225
+    with stc.cacher_attached(tower, GRAPHED), torch.inference_mode():
+        outputs = torch.cat([tower(pixel_values=small[i : i + 1], interpolate_pos_encoding=True).last_hidden_state
+                             for i in range(4)])
+    with stc.cacher_attached(tower, STREAM), torch.inference_mode():
+        eager = torch.cat([tower(pixel_values=small[i : i + 1], interpolate_pos_encoding=True).last_hidden_state
+                           for i in range(4)])
+    assert torch.equal(outputs, eager)
+    assert len(graphs._captured) == 4 and graphs.stats.captures == 8   # the first size's graphs are gone

@@ -129,3 +129,21 @@ def test_selective_forward_equals_the_methods_definition_bit_for_bit(kind, frame
     assert torch.equal(y, want_y) and torch.equal(y_shared, want_y)
     assert all(torch.equal(a, b) for a, b in zip((reference.keys, reference.values, reference.attn, reference.mlp),
                                                  (kept.keys, kept.values, kept.attn, kept.mlp))), "the reference was written"
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_under_autocast_the_selective_layer_keeps_the_residual_streams_type(kind):
+    """Under autocast the projections give bfloat16 while the residual stream stays float32;
+    the in-place adds must not narrow it (the unpatched layer returns float32)."""
+    tower = build_tiny_tower(kind)
+    _, layers, _ = find_vision_layers(tower)
+    ops = HFViTLayerOps(layers[0], prefix_tokens=1 if kind == "clip" else 0)
+    tokens = 225 + ops.prefix_tokens
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, tokens, 32, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, reference = full_forward(ops, torch.randn(1, tokens, 32, generator=g))
+        y, index = selective_forward(ops, x, reference.expand(2), 56, "cosine")
+        want, _ = _spec_selective_forward(ops, x, reference.expand(2), 56, "cosine", index)
+    assert y.dtype == want.dtype == torch.float32
+    assert torch.equal(y, want)

@@ -41,3 +41,11 @@ def test_round_trip_through_dict():
     config = BenchConfig(frames=(4, 8), ratios=(0.1, 0.25), video="clip.mp4")
     assert BenchConfig.from_dict(config.to_dict()) == config
     assert BenchConfig.from_dict({**config.to_dict(), "added_in_a_later_version": 1}) == config
+
+
+def test_a_compiled_arm_says_so_in_its_label_and_an_eager_one_does_not():
+    from stc_bench.methods import get_method
+
+    stc = get_method("stc")
+    assert stc.arm(compile=True).label == "stc r0.25 N2 k64 compiled"
+    assert stc.arm().label == "stc r0.25 N2 k64"

@@ -94,3 +94,16 @@ def test_malformed_launch_figures_are_refused_by_name(tiny_result, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(document))
     with pytest.raises(ResultsError, match=r"arms\[0\]\.launches\.vit\.operators_per_frame is the string 'many', not a number"):
         load_results(tmp_path / "results.json")
+
+
+def test_passes_that_could_not_be_queued_ahead_get_one_line_not_one_per_stage(tiny_result):
+    from stc_bench.report.tables import launch_lines
+
+    unjudged = _with_launches(tiny_result, StageLaunches(410.0, prequeued_ms=10.0, span_ms=15.0, enqueue_ms=40.0,
+                                                         head_start_ms=30.0))
+    (line,) = launch_lines(unjudged, 4)
+    assert line.startswith("no launch-bound verdict for stc r0.25 N2 k64 vit: the host could not queue the pass")
+
+
+def test_figures_written_by_a_newer_stc_bench_still_load():
+    assert StageLaunches.from_dict({"operators_per_frame": 3.0, "kernels_per_frame": 5.0}) == StageLaunches(3.0)
