@@ -208,6 +208,10 @@ def _progress_problem(data: Any, frames: tuple[int, ...], finished: set[int], ar
                 return f"samples of {label!r}, {stage}: a sample is not a latency in ms (a number >= 0)"
         if s.get("peak_mb") is not None and not _is_time(s["peak_mb"]):
             return f"samples of {label!r}: peak_mb is not a number"
+        host = s.get("host", {})
+        if not isinstance(host, dict) or not all(isinstance(v, list) and len(v) <= rounds and all(_is_time(x) for x in v)
+                                                 for v in host.values()):
+            return f"samples of {label!r}: host usage is not at most {rounds} counts (numbers >= 0) per figure"
     return None
 
 

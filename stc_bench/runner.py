@@ -329,7 +329,9 @@ def measure_frame_count(
             chunk_kinds=out.chunk_kinds,
             recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
             graphs=dataclasses.asdict(out.graph_stats) if out.graph_stats is not None else None,
-            host_usage={key: list(host[key]) for key in HOST_USAGE_KEYS} if any(host.values()) else None,
+            # a stream's usage for every timed stream or none (a partial.json of an older stc-bench has none)
+            host_usage=({key: list(host[key]) for key in HOST_USAGE_KEYS}
+                        if all(len(host[key]) == config.repeats for key in HOST_USAGE_KEYS) else None),
             launches={stage: figures.to_dict() for stage, figures in launches[arm.label].items()},
         ))
     return measurements, facts
@@ -418,6 +420,9 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     if resume is not None:
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        # What this process fixed on the host, beside what the first one did (the environment
+        # block): rounds measured before and after a resume are comparable only if they agree.
+        result.run.setdefault("resumed_host", []).append({"applied": allocator.applied, "threads": threads.threads})
     else:
         result = RunResult(config=config, environment=capture_environment(device, allocator, threads),
                            run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline, video))

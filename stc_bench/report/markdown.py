@@ -44,6 +44,12 @@ def caveats(result: RunResult) -> list[str]:
                          for a in result.compared if a.arm.method == "stc" and not (a.graphs or {}).get("replays")})
         if unused:
             out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
+    first = result.environment.get("allocator", {}).get("applied"), result.environment.get("threads", {}).get("threads")
+    changed = [h for h in result.run.get("resumed_host", []) if (h.get("applied"), h.get("threads")) != first]
+    if changed:
+        out.append(f"Resumed with other host settings than the first run (allocator applied, threads: {first} first, then "
+                   f"{', '.join(str((h.get('applied'), h.get('threads'))) for h in changed)}): rounds before and after the "
+                   "resume may not be comparable.")
     if result.run.get("compile_failure"):
         out.append(f"--compile was asked for, but torch.compile failed and the STC arms ran eager: {result.run['compile_failure']}")
     out += [f"Page faults differ between arms: {w}." for frames in result.frame_counts for w in host_warnings(result, frames)]

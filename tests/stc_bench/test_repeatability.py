@@ -140,3 +140,30 @@ def test_fault_samples_survive_the_file_and_malformed_ones_are_named(tiny_result
     (tmp_path / "results.json").write_text(json.dumps(document))
     with pytest.raises(ResultsError, match=r"arms\[1\]\.host_usage\.minor_faults\[1\]"):
         load_results(tmp_path)
+
+
+def test_a_gpu_run_gets_no_page_fault_advice(tiny_result):
+    churning = with_faults(tiny_result, [0, 0, 0], [10 * PAGE_FAULT_GAP] * 3)
+    for m in churning.measurements:
+        m.spec = m.spec.__class__(**{**m.spec.__dict__, "device": "cuda:0"})
+    churning.__dict__.pop("_table", None)
+    assert host_warnings(churning, churning.frame_counts[0]) == []
+
+
+def test_a_resume_under_other_host_settings_is_a_caveat(tiny_result):
+    result = RunResult.from_dict(tiny_result.to_dict())
+    first = (result.environment["allocator"]["applied"], result.environment["threads"]["threads"])
+    result.run["resumed_host"] = [{"applied": first[0], "threads": first[1]}]
+    assert not any(c.startswith("Resumed with other host settings") for c in caveats(result))
+    result.run["resumed_host"].append({"applied": not first[0], "threads": first[1]})
+    assert any(c.startswith("Resumed with other host settings") for c in caveats(result))
+
+
+def test_a_partial_file_with_malformed_host_samples_is_refused_by_name():
+    from stc_bench.run_folder import _progress_problem
+
+    samples = {"baseline": {"totals": {"vit": [1.0]}, "chunks": {"vit": [[1.0]]}, "host": {"minor_faults": ["many"]}}}
+    problem = _progress_problem({"frames": 4, "rounds": 1, "samples": samples}, (4,), set(), ["baseline"], 3)
+    assert problem == "samples of 'baseline': host usage is not at most 1 counts (numbers >= 0) per figure"
+    samples["baseline"]["host"] = {"minor_faults": [3]}
+    assert _progress_problem({"frames": 4, "rounds": 1, "samples": samples}, (4,), set(), ["baseline"], 3) is None
