@@ -127,8 +127,10 @@ def profile_launches(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: D
     counter = OperatorCounter()
     timer = _CountingTimer(device, counter)
     compiled = bool(dict(arm.knobs).get("compile", False))
-    # Out of inference mode (which a run's passes are under), so composite operators split.
-    with torch.inference_mode(False), torch.no_grad(), (contextlib.nullcontext() if compiled else counter):
+    # Out of inference mode (which a run's passes are under), so composite operators split; a
+    # compiled arm is not counted and stays in inference mode, or torch would compile it again.
+    mode = torch.inference_mode() if compiled else torch.inference_mode(False)
+    with mode, torch.no_grad(), (contextlib.nullcontext() if compiled else counter):
         pipeline.stream(clip, arm, timer, chunk_frames)
     spans = timer.finish()
     stages = list(dict.fromkeys(span.stage for span in spans))

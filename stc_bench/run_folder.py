@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stc_bench.allocator import HOST_USAGE_KEYS
 from stc_bench.errors import BenchUsageError
 from stc_bench.measurement import STAGE_ORDER
 from stc_bench.results import RunResult, load_results, write_json_atomically
@@ -209,9 +210,10 @@ def _progress_problem(data: Any, frames: tuple[int, ...], finished: set[int], ar
         if s.get("peak_mb") is not None and not _is_time(s["peak_mb"]):
             return f"samples of {label!r}: peak_mb is not a number"
         host = s.get("host", {})
-        if not isinstance(host, dict) or not all(isinstance(v, list) and len(v) <= rounds and all(_is_time(x) for x in v)
-                                                 for v in host.values()):
-            return f"samples of {label!r}: host usage is not at most {rounds} counts (numbers >= 0) per figure"
+        if not isinstance(host, dict) or not set(host) <= set(HOST_USAGE_KEYS) or not all(
+                isinstance(v, list) and len(v) <= rounds and all(_is_time(x) for x in v) for v in host.values()):
+            return (f"samples of {label!r}: host usage must hold only {', '.join(HOST_USAGE_KEYS)}, each at most "
+                    f"{rounds} counts (numbers >= 0)")
     return None
 
 

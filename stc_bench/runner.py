@@ -272,8 +272,9 @@ def measure_frame_count(
                                   f"{config.framework} times {', '.join(pipeline.stages)}; delete it to measure --frames "
                                   f"{frames} again from its first round")
         done, samples = progress.rounds, progress.samples
-        for s in samples.values():
-            s.setdefault("host", _empty_host())  # partial.json of an older stc-bench
+        for s in samples.values():  # a partial.json of an older stc-bench has no (or not every) host figure
+            for key, values in _empty_host().items():
+                s.setdefault("host", {}).setdefault(key, values)
     else:
         done, samples = 0, _empty_samples(arms, pipeline.stages)
     if done:
@@ -358,6 +359,14 @@ def run_benchmark(config: BenchConfig, progress: ProgressCallback | None = None,
     threads = pin_cpu_threads()
     with device.activate():
         return _run(config, device, progress or (lambda *_: None), folder, resume, retry_failed, allocator, threads)
+
+
+def _note_compile_failure(config: BenchConfig, result: RunResult, frames: int | None = None) -> None:
+    """Record, before the result is saved, that --compile fell back to eager in this process, and
+    at which frame count it was first seen (frame counts before it ran compiled)."""
+    if config.compile and compile_failure() is not None and "compile_failure" not in result.run:
+        where = f" (first seen at --frames {frames})" if frames is not None else ""
+        result.run["compile_failure"] = compile_failure() + where
 
 
 def _out_of_memory(err: BaseException, what: str, settings: str, advice: str) -> str:
@@ -471,6 +480,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
             continue
         except KeyboardInterrupt:
             raise BenchmarkInterrupted(f"interrupted during --frames {frames}", result, by_user=True) from None
+        _note_compile_failure(config, result, frames)
         result.measurements.extend(measurements)
         result.arms.extend(facts)
         result.run["failed_frames"] = [f for f in result.run.get("failed_frames", []) if f.get("frames") != frames]
@@ -480,8 +490,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
             folder.save_result(result)
             folder.clear_progress()
     result.complete = set(config.frames) <= set(result.frame_counts)
-    if config.compile and compile_failure() is not None:
-        result.run["compile_failure"] = compile_failure()
+    _note_compile_failure(config, result)
     result.environment["gpu_state_after"] = gpu_state(device)
     if folder is not None:
         folder.save_result(result)

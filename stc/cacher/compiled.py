@@ -6,16 +6,18 @@ layer of every tower: transformers' modules are inlined, so their weights are gr
 the compiler specialises on shapes, strides, the recomputed-token count and whether the layer
 selects or reuses the selection. A run with several ratios or call shapes needs more variants
 than torch's default recompile limit (8), past which torch would run the rest eager without a
-word; calls here raise the limit to ``RECOMPILE_LIMIT``. The first call of each variant
+word; the first compilation raises the process's limit to ``RECOMPILE_LIMIT`` (never lowers
+it), once, rather than around every call. The first call of each variant
 compiles (seconds to a minute): run one untimed stream first, as stc-bench's prepare pass does.
 
 On CUDA the mode is ``"reduce-overhead"``, which replays CUDA graphs whose outputs the next
 replay overwrites; outputs are therefore copied out before they are handed back, since a tower
 that returns hidden states keeps every layer's output.
 
-A compilation that fails (no C++ compiler for the CPU backend, an unsupported operator) turns
-compilation off for the process with one warning, and the eager forward runs: the same answer,
-and ``compile_failure()`` says why, for a report.
+A compilation that fails (a compiler error: no C++ compiler for the CPU backend, an unsupported
+operator) turns compilation off for the process with one warning, and the eager forward runs:
+the same answer, and ``compile_failure()`` says why, for a report. Errors of the computation
+itself (out of memory, bad inputs) propagate as they would eager.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ RECOMPILE_LIMIT = 256
 """Compiled variants allowed for the one selective forward (a sweep of ratios times call shapes
 times selecting/reusing stays far below)."""
 
-_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-"""The limit's name: ``cache_size_limit`` before torch 2.6."""
-
 _failure: list[str] = []
 """Why compilation was turned off in this process (empty while it is on)."""
 
@@ -43,6 +42,9 @@ _failure: list[str] = []
 @functools.lru_cache(maxsize=None)
 def _compiled(device_type: str):
     """The compiled selective forward for one device type (made once per process)."""
+    config = torch._dynamo.config  # read here, not at import: importing stc must not load the compiler
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # before torch 2.6
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(selective_forward, mode=mode, dynamic=False)
 
@@ -65,9 +67,8 @@ def compiled_selective_forward(
     if _failure:
         return selective_forward(ops, x, reference, count, metric, index)
     try:
-        with torch._dynamo.config.patch(**{_LIMIT_NAME: RECOMPILE_LIMIT}):
-            y, chosen = _compiled(x.device.type)(ops, x, reference, count, metric, index)
-    except Exception as err:  # a compiler error is not the stream's: run eager, say so once
+        y, chosen = _compiled(x.device.type)(ops, x, reference, count, metric, index)
+    except torch._dynamo.exc.TorchDynamoException as err:  # the compiler's error, not the stream's: run eager, say so once
         _failure.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         logger.warning("STC-Cacher: torch.compile failed, running eager (%s)", _failure[0])
         return selective_forward(ops, x, reference, count, metric, index)

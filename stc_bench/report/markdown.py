@@ -46,7 +46,7 @@ def caveats(result: RunResult) -> list[str]:
             out.append("--cuda-graph was asked for, but these arms ran eager: " + "; ".join(unused))
     first = result.environment.get("allocator", {}).get("applied"), result.environment.get("threads", {}).get("threads")
     changed = [h for h in result.run.get("resumed_host", []) if (h.get("applied"), h.get("threads")) != first]
-    if changed:
+    if changed and first != (None, None):  # a first run of an older stc-bench recorded neither
         out.append(f"Resumed with other host settings than the first run (allocator applied, threads: {first} first, then "
                    f"{', '.join(str((h.get('applied'), h.get('threads'))) for h in changed)}): rounds before and after the "
                    "resume may not be comparable.")

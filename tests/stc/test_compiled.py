@@ -31,7 +31,7 @@ def test_a_failed_compilation_runs_eager_says_why_once_and_gives_the_eager_answe
 
     def broken(device_type):
         def fail(*args, **kwargs):
-            raise RuntimeError("no C++ compiler found\nmore detail")
+            raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler found\nmore detail")
         return fail
 
     monkeypatch.setattr(compiled, "_compiled", broken)
@@ -41,5 +41,21 @@ def test_a_failed_compilation_runs_eager_says_why_once_and_gives_the_eager_answe
     with caplog.at_level("WARNING", logger="stc.cacher.compiled"):
         fallback, _ = _stream(tower, clip, CacherConfig(update_ratio=0.25, cache_interval=2, compile=True))
     assert torch.equal(fallback, eager)
-    assert compiled.compile_failure() == "RuntimeError: no C++ compiler found"
-    assert caplog.text.count("torch.compile failed, running eager (RuntimeError: no C++ compiler found)") == 1
+    assert compiled.compile_failure() == "InternalTorchDynamoError: no C++ compiler found"
+    assert caplog.text.count("torch.compile failed, running eager (InternalTorchDynamoError: no C++ compiler found)") == 1
+
+
+def test_an_error_of_the_computation_itself_is_not_taken_for_a_compiler_failure(monkeypatch):
+    from stc.cacher import compiled
+
+    def out_of_memory(device_type):
+        def fail(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return fail
+
+    monkeypatch.setattr(compiled, "_compiled", out_of_memory)
+    monkeypatch.setattr(compiled, "_failure", [])
+    tower, clip = build_tiny_tower("siglip"), noisy_clip(4)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _stream(tower, clip, CacherConfig(update_ratio=0.25, cache_interval=2, compile=True))
+    assert compiled.compile_failure() is None

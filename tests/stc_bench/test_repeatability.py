@@ -164,6 +164,16 @@ def test_a_partial_file_with_malformed_host_samples_is_refused_by_name():
 
     samples = {"baseline": {"totals": {"vit": [1.0]}, "chunks": {"vit": [[1.0]]}, "host": {"minor_faults": ["many"]}}}
     problem = _progress_problem({"frames": 4, "rounds": 1, "samples": samples}, (4,), set(), ["baseline"], 3)
-    assert problem == "samples of 'baseline': host usage is not at most 1 counts (numbers >= 0) per figure"
+    assert problem == ("samples of 'baseline': host usage must hold only minor_faults, major_faults, system_ms, each at most 1 "
+                       "counts (numbers >= 0)")
     samples["baseline"]["host"] = {"minor_faults": [3]}
     assert _progress_problem({"frames": 4, "rounds": 1, "samples": samples}, (4,), set(), ["baseline"], 3) is None
+
+
+def test_a_partial_file_with_an_unknown_host_figure_is_refused():
+    from stc_bench.run_folder import _progress_problem
+
+    samples = {"baseline": {"totals": {"vit": [1.0]}, "chunks": {"vit": [[1.0]]}, "host": {"page_ins": [3]}}}
+    problem = _progress_problem({"frames": 4, "rounds": 1, "samples": samples}, (4,), set(), ["baseline"], 3)
+    assert problem == ("samples of 'baseline': host usage must hold only minor_faults, major_faults, system_ms, each at most 1 "
+                       "counts (numbers >= 0)")
