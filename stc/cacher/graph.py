@@ -138,6 +138,8 @@ class _Captured:
     copies: list[torch.Tensor | None]
     """Per input, the graph's buffer it is copied into before a replay (None: read in place)."""
     outputs: tuple[torch.Tensor, torch.Tensor]
+    reads: frozenset[tuple] = frozenset()
+    """Layouts of the fixed buffers (slots, other graphs' outputs) this graph reads in place."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class SelectiveGraphs:
         graph's output in place are keyed by its layout too, and go with it.)"""
         while layouts:
             self._fixed -= layouts
-            stale = [key for key in self._captured if any(layout in layouts for layout in key[4] if len(layout) == 4)]
+            stale = [key for key, captured in self._captured.items() if captured.reads & layouts]
             layouts = {_layout(t) for key in stale for t in self._captured.pop(key).outputs}
 
     def run(
@@ -255,6 +257,7 @@ class SelectiveGraphs:
         if captured is None:
             try:
                 captured = self._capture(ops, inputs, in_place, count, metric)
+                captured.reads = frozenset(layout for layout, fixed in zip(layouts, in_place) if fixed)
             except Exception as err:  # any capture failure means: run eager, say so once
                 self._fall_back(f"capture failed: {type(err).__name__}: {err}")
                 self._eager += 1
