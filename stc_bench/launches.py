@@ -67,8 +67,9 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _CountingTimer(StageTimer):
-    """A timer whose spans also count the operators they dispatch, per stage."""
+class CountingTimer(StageTimer):
+    """A timer whose spans also count the operators they dispatch, under the stage's name as
+    ``counter``'s owner (the counter must be active around the pass)."""
 
     def __init__(self, device: Device, counter: OperatorCounter):
         super().__init__(device)
@@ -125,7 +126,7 @@ def profile_launches(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: D
     kernel's rate (``sleep_cycles_per_ms``; probed here when not given); CUDA only."""
     frames = clip.shape[0]
     counter = OperatorCounter()
-    timer = _CountingTimer(device, counter)
+    timer = CountingTimer(device, counter)
     compiled = bool(dict(arm.knobs).get("compile", False))
     # Out of inference mode (which a run's passes are under), so composite operators split; a
     # compiled arm is not counted and stays in inference mode, or torch would compile it again.

@@ -152,7 +152,7 @@ def stage_rows(result: RunResult, frames: int, arm_label: str) -> list[list[str]
 
 def _operators(base, row) -> str:
     """Operators dispatched per frame, baseline → arm (— where the run did not count them)."""
-    if is_missing(getattr(base, "operators_per_frame", None)) or is_missing(getattr(row, "operators_per_frame", None)):
+    if is_missing(base.operators_per_frame) or is_missing(row.operators_per_frame):
         return "—"
     return f"{base.operators_per_frame:,.0f} → {row.operators_per_frame:,.0f}"
 

@@ -17,13 +17,12 @@ def run_folder(out: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-@pytest.mark.tier1
-def test_tiny_end_to_end_run_writes_the_run_folder(cli, tmp_path):
-    result = cli(*TINY_RUN, "--device", "cpu", "--out", str(tmp_path))
+def check_run_writes_its_folder_and_rerenders(cli, run: list[str], framework: str, tmp_path) -> None:
+    """``stc-bench <run>`` writes the run folder and its report; ``report`` re-renders it from results.json alone."""
+    result = cli(*run, "--device", "cpu", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     folder = run_folder(tmp_path)
-    assert folder.name.endswith("_rekv_cpu")
+    assert folder.name.endswith(f"_{framework}_cpu")
     for name in ("results.json", "samples.csv", "summary.csv", "reductions.csv", "report.md", "latency.png", "per_frame_vit.png"):
         assert (folder / name).is_file(), name
     assert "scale tiny (--scale tiny was requested)" in result.output
@@ -32,23 +31,18 @@ def test_tiny_end_to_end_run_writes_the_run_folder(cli, tmp_path):
     again = cli("report", str(folder / "results.json"), "--out", str(tmp_path / "again"))
     assert again.exit_code == 0
     assert (tmp_path / "again" / "summary.csv").read_text() == (folder / "summary.csv").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.tier1
+def test_tiny_end_to_end_run_writes_the_run_folder(cli, tmp_path):
+    check_run_writes_its_folder_and_rerenders(cli, TINY_RUN, "rekv", tmp_path)
 
 
 def test_toy_run_writes_the_run_folder_and_report_rerenders_it(cli, toy, tmp_path):
     """The run folder a command writes, and re-rendering it from results.json, on the toy framework
     (the test above does the same on ReKV, end to end)."""
-    result = cli(*TOY_RUN, "--device", "cpu", "--out", str(tmp_path))
-    assert result.exit_code == 0, result.output
-    folder = run_folder(tmp_path)
-    assert folder.name.endswith("_toy_cpu")
-    for name in ("results.json", "samples.csv", "summary.csv", "reductions.csv", "report.md", "latency.png", "per_frame_vit.png"):
-        assert (folder / name).is_file(), name
-    assert "scale tiny (--scale tiny was requested)" in result.output
-    assert "reduction median [95% CI]" in result.output and "random weights" in result.output
-
-    again = cli("report", str(folder / "results.json"), "--out", str(tmp_path / "again"))
-    assert again.exit_code == 0
-    assert (tmp_path / "again" / "summary.csv").read_text() == (folder / "summary.csv").read_text()
+    check_run_writes_its_folder_and_rerenders(cli, TOY_RUN, "toy", tmp_path)
 
 
 def test_options_reach_the_config(cli, monkeypatch, tmp_path):

@@ -8,14 +8,13 @@ involved.
 """
 
 import collections
-import contextlib
 
 import pytest
 import torch
 
 from stc_bench.device import resolve_device
 from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
-from stc_bench.launches import OperatorCounter
+from stc_bench.launches import CountingTimer, OperatorCounter
 from stc_bench.measurement import BASELINE
 from stc_bench.methods import get_method
 from stc_bench.timing import StageTimer
@@ -23,30 +22,13 @@ from stc_bench.timing import StageTimer
 NULL_ARM = get_method("stc").arm(ratio=0.25, interval=1)
 
 
-class ViTSpanTimer(StageTimer):
-    """A timer whose ``vit`` spans count the operators they dispatch."""
-
-    def __init__(self):
-        super().__init__(resolve_device("cpu"))
-        self.counts = collections.Counter()
-
-    @contextlib.contextmanager
-    def span(self, stage, chunk):
-        with super().span(stage, chunk):
-            if stage != "vit":
-                yield
-                return
-            with OperatorCounter() as counter:
-                yield
-            self.counts.update(counter.counts)
-
-
 def kernels_of_one_pass(pipeline, clip, arm) -> collections.Counter:
     with torch.inference_mode():
         pipeline.stream(clip, arm, StageTimer(resolve_device("cpu")), pipeline.default_chunk_frames)  # one-time work first
-        timer = ViTSpanTimer()
-        pipeline.stream(clip, arm, timer, pipeline.default_chunk_frames)
-    return timer.counts  # views left out by the counter
+        counter = OperatorCounter()
+        with counter:
+            pipeline.stream(clip, arm, CountingTimer(resolve_device("cpu"), counter), pipeline.default_chunk_frames)
+    return counter.by_owner["vit"]  # views left out by the counter
 
 
 @pytest.mark.parametrize("framework", sorted(FRAMEWORK_MODULES))
