@@ -2,10 +2,10 @@
 
 from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_forward
 from stc.cacher.graph import GraphStats, SelectiveGraphs
-from stc.cacher.state import CacherState, CacherStats, CallRecord
+from stc.cacher.state import DEFAULT_STREAM, CacherState, CacherStats, CallRecord, StreamId
 from stc.cacher.stream import cached_layer_forward
 
 __all__ = [
-    "CacherState", "CacherStats", "CallRecord", "GraphStats", "LayerOps", "LayerReference", "SelectiveGraphs",
+    "DEFAULT_STREAM", "CacherState", "CacherStats", "CallRecord", "StreamId", "GraphStats", "LayerOps", "LayerReference", "SelectiveGraphs",
     "cached_layer_forward", "full_forward", "selective_forward",
 ]

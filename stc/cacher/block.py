@@ -49,15 +49,17 @@ class LayerReference:
     attn: torch.Tensor
     mlp: torch.Tensor
 
-    def frame(self, i: int) -> LayerReference:
-        """The reference of frame ``i`` alone, (1, n, d) per tensor, owning only its own frame.
+    def frame(self, i: int, view: bool = False) -> LayerReference:
+        """The reference of frame ``i`` alone, (1, n, d) per tensor.
 
         A one-frame batch is returned as it is: its tensors are the forward's own outputs, which
         nothing writes into later (the common one-frame refresh step then copies nothing). A
-        frame of a larger batch is copied out, so the stored reference does not keep the batch."""
+        frame of a larger batch is copied out, so the stored reference does not keep the batch,
+        unless ``view`` (the caller keeps every frame of the batch: views copy nothing)."""
         if self.keys.shape[0] == 1:
             return self
-        return LayerReference(*(t[i : i + 1].clone() for t in (self.keys, self.values, self.attn, self.mlp)))
+        return LayerReference(*(t[i : i + 1] if view else t[i : i + 1].clone()
+                                for t in (self.keys, self.values, self.attn, self.mlp)))
 
     def gather(self, frames: torch.Tensor) -> LayerReference:
         """Frames ``frames`` (S,) of this batch of references -> (S, n, d) each."""

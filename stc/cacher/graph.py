@@ -6,7 +6,7 @@ captured CUDA graph turns them into one launch. A graph reads its inputs from, a
 outputs to, fixed addresses; copying every input in and every output out on each replay would
 add back seven launches per layer, so here nothing is copied where the address is already fixed:
 
-- **References** live in two slots per layer, owned by the graphs. A refresh frame writes its
+- **References** live in two slots per layer and stream, owned by the graphs. A refresh frame writes its
   keys, values and branch outputs into the slot the stream is not reading (``keep_reference``),
   so a call that fails part-way can still be rolled back to the other slot. Each slot gets its
   own graph, which reads it in place.
@@ -195,12 +195,12 @@ class SelectiveGraphs:
                 self._fall_back(reason)
         return self.disabled_reason is None
 
-    def keep_reference(self, layer_key: tuple, reference: LayerReference, frame: int,
+    def keep_reference(self, slot_key: tuple, reference: LayerReference, frame: int,
                        current: LayerReference | None) -> LayerReference:
-        """Frame ``frame`` of a refresh batch's ``reference``, written into the layer's reference
-        slot that ``current`` (the reference the stream reads now) does not occupy; returns the
-        slot. Graphs read the slot in place, so a selective frame copies no reference."""
-        slots = self._slots.get(layer_key)
+        """Frame ``frame`` of a refresh batch's ``reference``, written into the reference slot of
+        ``slot_key`` (layer, weights, stream id last) that ``current`` (the reference the stream
+        reads now) does not occupy; returns the slot. Graphs read the slot in place, so a selective frame copies no reference."""
+        slots = self._slots.get(slot_key)
         source = LayerReference(*(t[frame : frame + 1] for t in (reference.keys, reference.values, reference.attn, reference.mlp)))
         if slots is None or slots[0].keys.shape != source.keys.shape or slots[0].keys.dtype != source.keys.dtype:
             # made in the caller's autograd mode, like every fixed buffer, and written in inference mode
@@ -209,7 +209,7 @@ class SelectiveGraphs:
             slots = [LayerReference(*(torch.empty_like(t, memory_format=torch.contiguous_format)
                                       for t in (source.keys, source.values, source.attn, source.mlp)))
                      for _ in range(2)]
-            self._slots[layer_key] = slots
+            self._slots[slot_key] = slots
             self._fixed.update(_layout(t) for slot in slots for t in (slot.keys, slot.values, slot.attn, slot.mlp))
         slot = slots[1] if current is not None and current.keys.data_ptr() == slots[0].keys.data_ptr() else slots[0]
         with torch.inference_mode():
@@ -217,6 +217,21 @@ class SelectiveGraphs:
                                     (source.keys, source.values, source.attn, source.mlp)):
                 fixed.copy_(fresh)
         return slot
+
+    def slot_bytes(self) -> dict:
+        """Bytes of the reference slots of each stream (slots are keyed by layer, weights and
+        stream id, the id last)."""
+        out: dict = {}
+        for key, slots in self._slots.items():
+            out[key[-1]] = out.get(key[-1], 0) + sum(t.numel() * t.element_size() for slot in slots
+                                                     for t in (slot.keys, slot.values, slot.attn, slot.mlp))
+        return out
+
+    def release_slots(self, stream_id) -> None:
+        """Free the reference slots of a stream that left, and the graphs that read them."""
+        for key in [key for key in self._slots if key[-1] == stream_id]:
+            slots = self._slots.pop(key)
+            self._forget({_layout(t) for slot in slots for t in (slot.keys, slot.values, slot.attn, slot.mlp)})
 
     def _forget(self, layouts: set[tuple]) -> None:
         """Drop buffers about to be freed, and the graphs that read them in place: a later tensor

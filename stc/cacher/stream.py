@@ -2,7 +2,7 @@
 
 Refresh frames of the call run together through the full forward; selective frames run
 together through the selective forward, each reading the reference of the latest refresh frame
-at or before it. Layer by layer this is exactly what feeding the frames one at a time computes,
+of its own stream at or before it (a call may carry frames of several streams). Layer by layer this is exactly what feeding the frames one at a time computes,
 so a call with T frames gives the output of T one-frame calls.
 """
 
@@ -28,9 +28,9 @@ def cached_layer_forward(
 ) -> torch.Tensor:
     """Forward of layer ``layer_index`` on the frames x (B, n, d) of the current call.
 
-    The first layer plans the call (and advances the stream); the last one records its
-    statistics. References are replaced only by refresh frames, and only when some frame of
-    the stream can read them. ``graph_key`` tells ``graphs`` which weights this layer has.
+    The first layer plans the call (and advances each stream it carries); the last one records
+    its statistics. References are replaced only by refresh frames, and only when some frame of
+    a stream can read them. ``graph_key`` tells ``graphs`` which weights this layer has.
     """
     frames, tokens, _ = x.shape
     if layer_index == 0:
@@ -44,44 +44,51 @@ def cached_layer_forward(
     config = state.config
     patch_tokens = tokens - ops.prefix_tokens
     count = dynamic_token_count(patch_tokens, config.update_ratio)
-    refreshed = len(plan.refresh_frames)
-    selected = len(plan.selective_frames)
+    refreshed = plan.refresh.shape[0]
+    selected = plan.selective.shape[0]
 
     layer_key = (layer_index, *graph_key)
     graphed = graphs is not None and graphs.active_for(x)
+    streams = state.streams
+    # Every refresh frame of the batch is kept (each is its stream's last): stored references may
+    # be views of the batch. Otherwise each kept frame is copied out, so it does not pin the batch.
+    views = len(plan.kept) == refreshed
 
-    def keep(reference: LayerReference, frame: int) -> LayerReference:
-        """The reference later frames read: in a graph's reference slot when graphs replay."""
-        if graphed:
-            if layer_index == 0:
-                state.slot_writes += 1
-            return graphs.keep_reference(layer_key, reference, frame, state.references[layer_index])
-        return reference.frame(frame)
+    def keep(reference: LayerReference) -> None:
+        """Each stream's new reference: its last refresh frame of the call, in the stream's graph
+        reference slot when graphs replay."""
+        if graphed and layer_index == 0:
+            state.slot_writes += 1
+        for stream_id, frame in plan.kept:
+            stream = streams[stream_id]
+            if graphed:
+                kept = graphs.keep_reference((*layer_key, stream_id), reference, frame, stream.references[layer_index])
+            else:
+                kept = reference.frame(frame, view=views)
+            stream.references[layer_index] = kept
 
-    if selected == 0 and plan.keeps_references:  # only refresh frames: keep the last as reference
+    if selected == 0 and plan.keeps_references:  # only refresh frames: keep each stream's last as reference
         y, reference = full_forward(ops, x)
-        state.references[layer_index] = keep(reference, frames - 1)
+        keep(reference)
     elif selected == 0 or count >= patch_tokens:  # nothing to keep: the unpatched layer's work, exactly
         y = plain_forward(ops, x)
     else:
-        # With no refresh frame in the call (the common one-frame step), every frame is
-        # selective and in order: work on x and return the result without scatter copies.
+        # With no refresh frame in the call (the common step), every frame is selective and in
+        # order: work on x and return the result without scatter copies.
         y = torch.empty_like(x) if refreshed else None
-        sources: list[LayerReference] = []
-        stored = state.references[layer_index]
-        if plan.uses_stored:
-            assert stored is not None
-            sources.append(stored)
+        sources = [streams[stream_id].references[layer_index] for stream_id in plan.stored]     # (1, n, d) each
+        assert all(ref is not None for ref in sources)
         if refreshed:
             y_refresh, reference = full_forward(ops, x.index_select(0, plan.refresh))    # (R, n, d)
             y.index_copy_(0, plan.refresh, y_refresh)
             sources.append(reference)
-            state.references[layer_index] = keep(reference, refreshed - 1)
+            keep(reference)
         if len(sources) == 1 and sources[0].keys.shape[0] == 1:  # one reference for all frames
             frame_refs = sources[0].expand(selected)
-        else:  # pool [stored?, refresh frames of the call] and pick each frame's own
-            offset = 0 if plan.uses_stored else 1
-            frame_refs = LayerReference.concat(sources).gather(plan.source - offset)
+        elif plan.source_is_pool:  # one stored reference per frame, in order: the pool is the batch
+            frame_refs = LayerReference.concat(sources)
+        else:  # pool [stored..., refresh frames of the call] and pick each frame's own
+            frame_refs = LayerReference.concat(sources).gather(plan.source)
         shared = config.selection == "shared" and layer_index > 0
         x_sel = x.index_select(0, plan.selective) if refreshed else x                    # (S, n, d)
         index = plan.index if shared else None
@@ -101,8 +108,7 @@ def cached_layer_forward(
         else:
             y.index_copy_(0, plan.selective, y_sel)
 
-    per_selective = tokens if count >= patch_tokens else count + ops.prefix_tokens
-    plan.recomputed.append(refreshed * tokens + selected * per_selective)
+    plan.recomputed.append(tokens if count >= patch_tokens else count + ops.prefix_tokens)  # per selective frame
     if layer_index == state.num_layers - 1:
         state.end_call()
     return y

@@ -233,15 +233,18 @@ def attach_cacher(model: nn.Module, config: CacherConfig | None = None) -> Cache
     patch first.
 
     Every call to the tower continues one stream, whatever its batch of frames; ``handle.reset()``
-    starts the next video. When ``model`` is a whole model (it has parameters outside the tower,
-    such as ``LlavaOnevisionForConditionalGeneration``), its ``get_image_features`` and
-    ``get_video_features`` are patched on the instance as well (``stc.integrations.vlm``):
+    starts the next video. To serve several streams through the tower, name each frame's stream
+    (``with handle.streams(ids):``): each stream keeps its own references and schedule, and all
+    streams' frames of a call still run batched. When ``model`` is a whole model (it has
+    parameters outside the tower, such as ``LlavaOnevisionForConditionalGeneration``), its
+    ``get_image_features`` and ``get_video_features`` are patched on the instance as well
+    (``stc.integrations.vlm``):
 
     - images pass through: tower calls made inside ``get_image_features`` run the unpatched
-      forwards, bit for bit, and leave the stream untouched;
-    - a ``get_video_features`` call is streamed and must hold one video: several videos in one
-      call raise ``StreamStateError`` ("call the model once per video, with handle.reset()
-      between videos"), since they would share one stream;
+      forwards, bit for bit, and leave the streams untouched;
+    - a ``get_video_features`` call is streamed with each of its B videos as a stream of its own
+      (video b is stream b, or ``ids[b]`` inside ``handle.streams(ids)``), so calls that carry the
+      next frames of the same B videos serve B concurrent streams;
     - a whole model without ``get_video_features`` raises ``UnsupportedModelError``: attach to
       its tower instead.
 

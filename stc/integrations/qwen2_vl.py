@@ -6,7 +6,8 @@ Differences from CLIP/SigLIP (frameworks.md section C), and how they are handled
   not a frame. Blocks see one flat ``(groups * h * w, C)`` sequence; all groups of one call share
   (h, w), so the sequence is viewed as a batch ``(groups, h * w, C)`` and the shared streaming
   forward runs on it unchanged. State persists across calls (LiveCC feeds one group per step);
-  a call with another (h, w) starts a new stream.
+  a stream whose frames change (h, w) starts afresh. Several streams may share a call (one
+  ``video_grid_thw`` row per video) when their grids match.
 - Attention is restricted to each group, which is exactly per-batch-row attention here.
 - The fused ``qkv`` projection is cut into its query, key and value rows, so a selective group
   computes keys for all tokens and queries and values only for the selected ones.
@@ -108,8 +109,8 @@ def make_tower_forward(original, shape: CallShape | CacherState):
         grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         if len({(h, w) for _, h, w in grid}) != 1:
             raise STCError(
-                f"STC-Cacher streams one video at a time; this call mixes grids {grid}: "
-                "call the tower once per video (or detach the cacher for mixed batches)"
+                f"STC-Cacher runs the temporal groups of a call as one batch, so they must share one (h, w); this call "
+                f"mixes grids {grid}: call the tower once per resolution (or detach the cacher for mixed batches)"
             )
         shape.call_shape = (sum(t for t, _, _ in grid), grid[0][1] * grid[0][2])
         return original(hidden_states, grid_thw, *args, **kwargs)

@@ -7,12 +7,14 @@ one vision tower, and a batch of videos as one flat batch of frames:
   tower as one batch. Streamed, those views would be cached as consecutive frames of the video
   and each tile would read its neighbour's cache;
 - ``get_video_features`` flattens ``pixel_values_videos`` (B, T, C, H, W) into B*T frames (Qwen2-VL:
-  one ``video_grid_thw`` row per video), so video 2's first frame would read video 1's cache.
+  one ``video_grid_thw`` row per video), so video 2's first frame would read video 1's cache
+  if the call were one stream.
 
 So, when the cacher is attached to such a model, these two methods of the model instance (and
 of each module between it and the tower that has them) are replaced: a tower call made inside
 ``get_image_features`` runs the unpatched forwards and leaves the stream untouched; a call made
-inside ``get_video_features`` is streamed, after checking that it holds one video. The outermost
+inside ``get_video_features`` is streamed with each video as a stream of its own (video b is
+stream b; B videos fed call after call are B concurrent streams). The outermost
 of nested calls decides (the outer model's method delegates to the inner model's; some models
 compute video features through ``get_image_features``). Tower calls made outside both methods
 (the caller's own ``model.vision_tower(frames)``) are streamed, as on a bare tower.
@@ -51,21 +53,21 @@ def _owners(model: nn.Module, path: str) -> list[nn.Module]:
     return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
 
 
-def count_videos(signature: inspect.Signature, args: tuple, kwargs: dict) -> int | None:
-    """How many videos a ``get_video_features`` call holds: the rows of ``video_grid_thw``
-    (Qwen2-VL family), else the batch of its first argument, the videos (B, T, C, H, W) of the
-    LLaVA family (named ``pixel_values_videos`` in transformers 5, ``pixel_values`` in 4.x);
-    None when neither is there."""
+def video_frames(signature: inspect.Signature, args: tuple, kwargs: dict) -> list[int] | None:
+    """The frames the tower sees of each video of a ``get_video_features`` call: per row of
+    ``video_grid_thw`` its temporal groups (Qwen2-VL family), else, for videos (B, T, C, H, W) as
+    the first argument (LLaVA family: ``pixel_values_videos`` in transformers 5, ``pixel_values``
+    in 4.x), T for each of the B; None when neither is there."""
     try:
         arguments = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return None
     grid = arguments.get("video_grid_thw")
     if isinstance(grid, torch.Tensor) and grid.dim() == 2:
-        return grid.shape[0]
+        return [int(t) for t in grid[:, 0].tolist()]
     pixels = arguments.get(next(iter(signature.parameters), ""))
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 5:
-        return pixels.shape[0]
+        return [pixels.shape[1]] * pixels.shape[0]
     return None
 
 
@@ -95,8 +97,8 @@ class ModelEntries:
         return get_image_features
 
     def video(self, owner: nn.Module, method):
-        """``method`` (a bound ``get_video_features``) refusing several videos per call, and
-        undoing its frames in the stream when it raises."""
+        """``method`` (a bound ``get_video_features``) streaming each of its videos as a stream of
+        its own, and undoing its frames in every stream when it raises."""
         signature = inspect.signature(method)
         where = f"{type(owner).__name__}.{VIDEO_ENTRY}"
 
@@ -104,29 +106,38 @@ class ModelEntries:
         def get_video_features(*args, **kwargs):
             if self.active is not None:
                 return method(*args, **kwargs)
-            videos = count_videos(signature, args, kwargs)
-            if videos is None:
+            frames = video_frames(signature, args, kwargs)
+            if frames is None:
                 raise StreamStateError(
                     f"STC-Cacher cannot tell how many videos this {where} call holds (it reads video_grid_thw, "
                     "or a first argument of shape (videos, frames, channels, height, width)): attach the cacher to the vision tower "
                     f"(model.{self.tower_path}) and feed it one video at a time"
                 )
-            if videos > 1:
-                raise StreamStateError(
-                    f"STC-Cacher streams one video at a time, but this {where} call holds {videos} videos: "
-                    "call the model once per video, with handle.reset() between videos"
-                )
             self.active = VIDEO_ENTRY
             checkpoint = self.state.checkpoint()
+            named = self.state.stream_ids
+            self.state.stream_ids = self._frame_streams(frames, named, where)
             try:
                 return method(*args, **kwargs)
-            except BaseException:  # the frames never reached the caller: the stream forgets them
+            except BaseException:  # the frames never reached the caller: every stream forgets them
                 self.state.restore(checkpoint)
                 raise
             finally:
-                self.active = None
+                self.active, self.state.stream_ids = None, named
 
         return get_video_features
+
+    @staticmethod
+    def _frame_streams(frames: list[int], named: tuple | None, where: str) -> tuple:
+        """The stream of each frame the tower will see: video b is stream b, or, inside
+        ``handle.streams(ids)``, stream ``ids[b]`` (one id per video)."""
+        videos = named if named is not None else tuple(range(len(frames)))
+        if len(videos) != len(frames):
+            raise StreamStateError(
+                f"this {where} call holds {len(frames)} videos but handle.streams() named {len(videos)} stream ids: "
+                "around a whole model, give one id per video"
+            )
+        return tuple(sid for sid, count in zip(videos, frames) for _ in range(count))
 
 
 def entry_owners(model: nn.Module, tower: nn.Module) -> tuple[list[nn.Module], str] | None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from stc.cacher.state import check_stream_ids
 from stc.config import PrunerConfig
 from stc.errors import StreamStateError
 from stc.pruner.scoring import dual_anchor_scores, gaussian_scores, keep_indices, low_variance_channels
@@ -19,12 +21,25 @@ class PrunedTokens:
     indices: torch.Tensor
 
 
+DEFAULT_STREAM = 0
+"""The stream frames belong to when the caller names none (one-stream use)."""
+
+
+@dataclass
+class _History:
+    """One stream's temporal memory: the float32 sum of its call means (C,), and its call count."""
+
+    mean_sum: torch.Tensor
+    calls: int
+
+
 class STCPruner:
     """Per-stream STC-Pruner. ``compress`` once per call, ``reset`` when a new video starts.
 
     The temporal anchor is the mean of the per-call mean tokens seen since the last reset,
     kept at full channel width and indexed by each call's own scoring channels (the released
     code stored each call's mean on that call's channel subset, mixing channels across calls).
+    Several streams may share one pruner and one call (``streams``): each keeps its own anchor.
     """
 
     def __init__(self, config: PrunerConfig | None = None):
@@ -33,17 +48,28 @@ class STCPruner:
             raise TypeError(f"config must be a stc.PrunerConfig, got {type(self.config).__name__}")
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the stream's history (the temporal anchor)."""
-        self._mean_sum: torch.Tensor | None = None   # (C,) float32 sum of call means
-        self.calls = 0
+    def reset(self, stream_id: int | str | None = None) -> None:
+        """Forget one stream's history (the temporal anchor), or, with None, every stream's."""
+        if stream_id is None:
+            self._history: dict[int | str, _History] = {}
+        else:
+            self._history.pop(stream_id, None)
 
-    def compress(self, features: torch.Tensor, frames_per_call: int | None = None) -> PrunedTokens:
+    @property
+    def calls(self) -> int:
+        """Calls of the default stream since its last reset."""
+        history = self._history.get(DEFAULT_STREAM)
+        return history.calls if history is not None else 0
+
+    def compress(self, features: torch.Tensor, frames_per_call: int | None = None,
+                 streams: Sequence[int | str] | None = None) -> PrunedTokens:
         """Keep ``min(tokens_per_frame, n)`` tokens of each frame of features (T, n, C).
 
         ``frames_per_call`` splits the T frames into consecutive calls of that many frames, each
         scored and added to the history as if it came alone (ReKV + STC stream one frame per
-        call); by default all T frames are one call.
+        call); by default all T frames are one call. ``streams`` names the stream of each frame
+        (one int or string per frame): each stream's frames of each such call are scored as a
+        call of that stream alone, against its own history; the output keeps the input's order.
         """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor of shape (frames, tokens, channels), got {type(features).__name__}")
@@ -53,34 +79,55 @@ class STCPruner:
                 f"got shape {tuple(features.shape)}"
             )
         frames, _, channels = features.shape
-        if self._mean_sum is not None and channels != self._mean_sum.shape[0]:
-            raise StreamStateError(
-                f"features now have {channels} channels but this stream started with {self._mean_sum.shape[0]}: "
-                "call pruner.reset() before feeding another model's features"
-            )
         # bool is an int: frames_per_call=True must not pass as 1.
         if frames_per_call is not None and (not isinstance(frames_per_call, int) or isinstance(frames_per_call, bool)
                                             or frames_per_call < 1):
             raise ValueError(f"frames_per_call={frames_per_call!r} must be an integer >= 1 (or None: all frames are one call)")
+        ids = check_stream_ids(streams) if streams is not None else (DEFAULT_STREAM,) * frames
+        if len(ids) != frames:
+            raise ValueError(f"streams names {len(ids)} stream ids for {frames} frames: give one id per frame")
+        for sid in dict.fromkeys(ids):
+            history = self._history.get(sid)
+            if history is not None and channels != history.mean_sum.shape[0]:
+                which = "this stream" if streams is None else f"stream {sid!r}"
+                reset = "pruner.reset()" if streams is None else f"pruner.reset({sid!r})"
+                raise StreamStateError(
+                    f"features now have {channels} channels but {which} started with {history.mean_sum.shape[0]}: "
+                    f"call {reset} before feeding another model's features"
+                )
         step = frames if frames_per_call is None else frames_per_call
-        parts = [self._compress_call(features[i : i + step]) for i in range(0, frames, step)]
-        if len(parts) == 1:
-            return parts[0]
-        return PrunedTokens(torch.cat([p.tokens for p in parts]), torch.cat([p.indices for p in parts]))
+        calls = [range(start, min(start + step, frames)) for start in range(0, frames, step)]
+        if streams is None:
+            parts = [self._compress_call(features[c.start : c.stop], DEFAULT_STREAM) for c in calls]
+            if len(parts) == 1:
+                return parts[0]
+            return PrunedTokens(torch.cat([p.tokens for p in parts]), torch.cat([p.indices for p in parts]))
+        kept: list[torch.Tensor | None] = [None] * frames   # (k, C) per frame
+        index: list[torch.Tensor | None] = [None] * frames  # (k,) per frame
+        for call in calls:
+            for sid in dict.fromkeys(ids[i] for i in call):
+                positions = [i for i in call if ids[i] == sid]
+                part = self._compress_call(features[positions], sid)                 # (t_s, k, C)
+                for j, i in enumerate(positions):
+                    kept[i], index[i] = part.tokens[j], part.indices[j]
+        return PrunedTokens(torch.stack(kept), torch.stack(index))
 
-    def _compress_call(self, features: torch.Tensor) -> PrunedTokens:
+    def _compress_call(self, features: torch.Tensor, stream_id: int | str) -> PrunedTokens:
         frames, tokens, channels = features.shape
         config = self.config
         call_mean = features.float().mean(dim=(0, 1))                                  # (C,)
-        self._mean_sum = call_mean if self._mean_sum is None else self._mean_sum + call_mean
-        self.calls += 1
+        history = self._history.get(stream_id)
+        if history is None:
+            history = self._history[stream_id] = _History(call_mean, 1)
+        else:
+            history.mean_sum, history.calls = history.mean_sum + call_mean, history.calls + 1
         count = min(config.tokens_per_frame, tokens)
         if count == tokens:
             index = torch.arange(tokens, device=features.device).expand(frames, -1)
             return PrunedTokens(features, index)
         subset = low_variance_channels(features, config.channel_keep_ratio)            # (c,)
         scoring = features.float().index_select(-1, subset)                             # (T, n, c)
-        anchor = (self._mean_sum / self.calls).index_select(0, subset)                 # (c,)
+        anchor = (history.mean_sum / history.calls).index_select(0, subset)            # (c,)
         if config.strategy == "gaussian":
             index = keep_indices(gaussian_scores(scoring, anchor, config.gaussian_scales), count, lowest=True)
         else:

@@ -245,7 +245,7 @@ def test_null_settings_keep_no_references(tower, frames, config):
     with stc.cacher_attached(tower, config) as handle:
         encode(tower, frames[:2])
         encode(tower, frames[2:5])
-        assert all(r is None for r in handle._state.references)
+        assert all(r is None for r in handle._state.stream().references)
     assert handle.stats.refresh_frames + handle.stats.selective_frames == 5
 
 

@@ -118,11 +118,11 @@ def test_a_rollback_across_two_refresh_calls_refreshes_instead_of_reading_rewrit
         tower(pixel_values=clip[3:4])
         tower(pixel_values=clip[4:5])                        # one refresh call: frame 2's slot intact
         state.restore(checkpoint)
-        assert all(r is not None for r in state.references)
+        assert all(r is not None for r in state.stream().references)
         for i in range(3, 7):                                # frames 4 and 6 refresh: both slots rewritten
             tower(pixel_values=clip[i : i + 1])
         state.restore(checkpoint)
-        assert state.references == [None, None] and state.frame_index == 3
+        assert state.stream().references == [None, None] and state.stream().frame_index == 3
         tower(pixel_values=clip[3:4])
         assert handle.stats.calls[-1].refresh_frames == (3,)  # selective by its index, but nothing to read
 
@@ -141,3 +141,34 @@ def test_frames_of_a_new_size_replace_the_slots_and_forget_the_graphs_that_read_
                            for i in range(4)])
     assert torch.equal(outputs, eager)
     assert len(graphs._captured) == 4 and graphs.stats.captures == 8   # the first size's graphs are gone
+
+
+def test_graphed_streams_keep_their_own_slots_and_equal_eager_bit_for_bit():
+    """Three streams through one graphed tower: each stream writes its own reference slots, so a
+    refresh frame of one stream never overwrites what another reads; a stream that leaves gives
+    its slots back."""
+    tower = build_tiny_tower("siglip", num_hidden_layers=2)
+    clips = [noisy_clip(6, seed=s) for s in range(3)]
+    calls = [[0, 1, 2], [0, 1, 2], [1, 0], [2, 2, 0], [1, 2]]
+
+    def run(config):
+        cursor, out = [0, 0, 0], []
+        with stc.cacher_attached(tower, config) as handle, torch.inference_mode():
+            for ids in calls:
+                frames = []
+                for sid in ids:
+                    frames.append(clips[sid][cursor[sid]])
+                    cursor[sid] += 1
+                with handle.streams(ids):
+                    out.append(tower(pixel_values=torch.stack(frames)).last_hidden_state)
+            memory = handle.memory_bytes()
+            handle.reset(1)
+            left = handle.memory_bytes()
+        return torch.cat(out), memory, left
+
+    eager, eager_memory, _ = run(STREAM)
+    graphs = emulated(tower)
+    graphed, memory, left = run(GRAPHED)
+    assert torch.equal(graphed, eager) and graphs.stats.replays > 0
+    assert set(memory) == {0, 1, 2} and all(memory[s] == 2 * eager_memory[s] for s in memory)  # two slots each
+    assert set(left) == {0, 2} and set(graphs.slot_bytes()) == {0, 2}

@@ -163,3 +163,25 @@ def test_features_of_another_width_mid_stream_ask_for_a_reset():
                               "call pruner.reset() before feeding another model's features")
     pruner.reset()
     assert pruner.compress(features(channels=6)).tokens.shape == (4, 2, 6)
+
+
+def test_streams_sharing_a_pruner_keep_their_own_temporal_anchor():
+    """Frames of two streams in one call are scored exactly as each stream's own calls, against
+    its own history; the output keeps the input's order; one stream can leave."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3, 2, 20, 16, generator=g).unbind(0)[:2]           # (2, 20, 16) each: 2 calls of 1 frame
+    config = PrunerConfig(tokens_per_frame=5)
+    alone = {}
+    for name, video in (("a", a), ("b", b)):
+        pruner = STCPruner(config)
+        alone[name] = [pruner.compress(video[i : i + 1]) for i in range(2)]
+    shared = STCPruner(config)
+    for i in range(2):
+        out = shared.compress(torch.stack([b[i], a[i]]), streams=["b", "a"])
+        assert torch.equal(out.tokens[0], alone["b"][i].tokens[0]) and torch.equal(out.tokens[1], alone["a"][i].tokens[0])
+        assert torch.equal(out.indices[1], alone["a"][i].indices[0])
+    shared.reset("a")
+    fresh = STCPruner(config).compress(a[1:2])
+    assert torch.equal(shared.compress(a[1:2], streams=["a"]).tokens, fresh.tokens)
+    with pytest.raises(ValueError, match="streams names 1 stream ids for 2 frames: give one id per frame"):
+        shared.compress(a, streams=["a"])

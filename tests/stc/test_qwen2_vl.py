@@ -109,7 +109,7 @@ def test_a_new_resolution_starts_a_new_stream_and_mixed_grids_are_refused():
         assert handle.stats.calls[-1].refresh_frames == (0,) and handle.frame_index == 1
         a, grid_a = patchify(clip(2), patch=2)
         b, grid_b = patchify(clip(2, size=24), patch=2)
-        with pytest.raises(stc.STCError, match="streams one video at a time"):
+        with pytest.raises(stc.STCError, match="must share one \\(h, w\\)"):
             TOWER(torch.cat([a, b]), torch.cat([grid_a, grid_b]))
 
 
