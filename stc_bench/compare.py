@@ -192,9 +192,9 @@ def driver_major(version: str | None) -> str | None:
     return None if version is None else str(version).split(".")[0]
 
 
-def _facts(result: RunResult) -> dict[str, str | None]:
+def latency_facts(result: RunResult) -> dict[str, str | None]:
     """What must agree for latencies to be comparable: device (the GPU or CPU model), scale, dtype,
-    torch and, for CUDA runs, the driver's major version."""
+    torch and, for CUDA runs, the driver's major version (``stc_bench.merge`` checks them too)."""
     env = result.environment
     facts = {"device": env.get("device_name"), "scale": result.run.get("scale"), "dtype": result.run.get("dtype"),
              "torch": env.get("torch")}
@@ -210,7 +210,7 @@ def check_compatible(base: RunResult, new: RunResult, allow_mismatch: bool) -> l
     nvidia-smi unavailable), which are unknown, not a mismatch."""
     if base.config.framework != new.config.framework:
         raise BenchUsageError(f"BASE is {base.config.framework}, NEW is {new.config.framework}: compare runs of one framework")
-    base_facts, new_facts = _facts(base), _facts(new)
+    base_facts, new_facts = latency_facts(base), latency_facts(new)
     problems, unknown = [], []
     for what in dict.fromkeys([*base_facts, *new_facts]):
         a, b = base_facts.get(what), new_facts.get(what)
@@ -251,7 +251,8 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
                     checks.append(Check(f"{where} {stage} tokens", f"{before} -> {count}", Verdict.REGRESSION,
                                         "token counts must match exactly"))
             for stage in new.stages:
-                b, n = base.measurement(facts.frames, facts.arm, stage), new.measurement(facts.frames, facts.arm, stage)
+                # in a merged run, each arm's own shard (stc-bench merge keeps one baseline per shard)
+                b, n = base.measurement(facts.frames, facts.arm, stage, old.shard), new.measurement(facts.frames, facts.arm, stage, facts.shard)
                 if b is None or n is None:
                     continue
                 for gate in slowdowns:

@@ -13,8 +13,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from stc_bench.methods import METHOD_MODULES
+from stc_bench.shard import Shard
 
-SCALES = ("auto", "full", "small", "tiny")
+SCALES = ("auto", "full", "small", "tiny", "72b")
+PLACED_SCALES = ("72b",)
+"""Scales larger than one GPU: built only with ``--device-map auto`` (never chosen by ``auto``)."""
+DEVICE_MAPS = ("none", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 METRICS = ("cosine", "l1", "l2")
 SELECTIONS = ("shared", "per_layer")
@@ -60,7 +64,12 @@ class BenchConfig:
     """auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"
     """auto = float16 on CUDA, float32 on CPU."""
+    device_map: str = "none"
+    """none = every module on the run's device; auto = the LLM across every visible GPU
+    (``stc_bench.placement``), the vision tower and projector on the run's device."""
     frames: tuple[int, ...] = (16,)
+    streams: tuple[int, ...] = (1,)
+    """Videos served concurrently, in lockstep (one chunk of each per step); several values sweep."""
     repeats: int = 20
     warmup: int = 5
     ratios: tuple[float, ...] = (0.25,)
@@ -82,6 +91,8 @@ class BenchConfig:
     """Methods to measure (the baseline is always measured: every reduction is against it)."""
     arm_overrides: tuple[str, ...] = ()
     """``METHOD:KNOB=VALUE`` knob settings of the peer methods (STC's knobs have their own options)."""
+    shard: str | None = None
+    """``K/N``: measure only shard K (from 0) of N slices of the points (``stc_bench.shard``); None = all."""
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, int) and not -(2**63) <= self.seed < 2**63:
@@ -92,12 +103,19 @@ class BenchConfig:
             _fail("--scale", self.scale, "one of " + ", ".join(SCALES))
         if self.dtype not in DTYPES:
             _fail("--dtype", self.dtype, "one of " + ", ".join(DTYPES))
+        if self.device_map not in DEVICE_MAPS:
+            _fail("--device-map", self.device_map, "one of " + ", ".join(DEVICE_MAPS))
+        if self.device_map == "auto" and str(self.device).strip().lower() == "cpu":
+            _fail("--device-map", "auto", "used on CUDA GPUs, not with --device cpu: pass --device auto or cuda:N, "
+                  "or leave out --device-map")
+        if self.scale in PLACED_SCALES and self.device_map != "auto":
+            _fail("--scale", self.scale, "used with --device-map auto (its LLM is larger than one GPU)")
         if self.metric not in METRICS:
             _fail("--metric", self.metric, "one of " + ", ".join(METRICS))
         if self.selection not in SELECTIONS:
             _fail("--selection", self.selection, "one of " + ", ".join(SELECTIONS))
         for option, values in (("--frames", self.frames), ("--tokens-per-frame", self.tokens_per_frame),
-                               ("--interval", self.intervals)):
+                               ("--interval", self.intervals), ("--streams", self.streams)):
             if not values:
                 _fail(option, "(none)", "given at least once")
             for v in values:
@@ -106,7 +124,7 @@ class BenchConfig:
         if not self.ratios:
             _fail("--ratio", "(none)", "given at least once")
         for option, values in (("--frames", self.frames), ("--ratio", self.ratios), ("--interval", self.intervals),
-                               ("--tokens-per-frame", self.tokens_per_frame)):
+                               ("--tokens-per-frame", self.tokens_per_frame), ("--streams", self.streams)):
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 _fail(option, ",".join(f"{v:g}" for v in repeated), "given once each (it is repeated)")
@@ -140,6 +158,9 @@ class BenchConfig:
                       "--tokens-per-frame, --metric, --selection, --cuda-graph, --compile")
         if self.checkpoint is not None and self.scale not in ("auto", "full"):
             _fail("--scale", self.scale, "auto or full with --checkpoint (the checkpoint fixes the architecture)")
+        if self.shard is not None:
+            # Stored as K/N exactly (" 1 / 4" -> "1/4"), so the shards of one run compare equal in merge.
+            object.__setattr__(self, "shard", Shard.parse(self.shard).label)
 
     @property
     def points(self) -> list[STCPoint]:

@@ -10,7 +10,7 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ class Device:
     """A resolved torch device and what a report says about it."""
 
     torch_device: torch.device
+    peers: tuple[torch.device, ...] = ()
+    """Other GPUs that the run's modules are placed on (``--device-map auto``): ``synchronize``
+    waits for them too, and a timed span covers their work (``timing.StageTimer``). Empty for a
+    run on one device."""
 
     @property
     def is_cuda(self) -> bool:
@@ -51,10 +55,18 @@ class Device:
         event, graph and allocation that names no device lands on it; a no-op on CPU."""
         return torch.cuda.device(self.torch_device) if self.is_cuda else contextlib.nullcontext()
 
+    def with_peers(self, devices) -> Device:
+        """This device, with every other CUDA device among ``devices`` (e.g. where a built
+        pipeline's parameters live) as its peers, in index order."""
+        others = {d for d in map(torch.device, devices) if d.type == "cuda" and d != self.torch_device}
+        return replace(self, peers=tuple(sorted(others, key=lambda d: d.index or 0)))
+
     def synchronize(self) -> None:
-        """Wait for all queued work on the device (a no-op on CPU, where ops are synchronous)."""
+        """Wait for all queued work on the device and its peers (a no-op on CPU, where ops are
+        synchronous)."""
         if self.is_cuda:
-            torch.cuda.synchronize(self.torch_device)
+            for device in (self.torch_device, *self.peers):
+                torch.cuda.synchronize(device)
 
     def reset_peak_memory(self) -> None:
         """Start a new peak-memory window (CUDA only)."""
@@ -62,7 +74,7 @@ class Device:
             torch.cuda.reset_peak_memory_stats(self.torch_device)
 
     def peak_memory_mb(self) -> float | None:
-        """Peak allocated memory since the last reset, in MiB; None on CPU."""
+        """Peak allocated memory on this device (not its peers) since the last reset, in MiB; None on CPU."""
         if self.is_cuda:
             return torch.cuda.max_memory_allocated(self.torch_device) / 2**20
         return None
@@ -277,6 +289,14 @@ def resolve_device(spec: str) -> Device:
             raise DeviceError(f"--gpu {index}: out of range, this machine has {count} CUDA device(s): 0..{count - 1}")
         return Device(torch.device("cuda", index))
     raise DeviceError(f"--device {spec}: must be auto, cpu, cuda or cuda:N")
+
+
+def gpu_free_memory() -> dict[int, int]:
+    """Free bytes on every visible CUDA device, by index (``torch.cuda.mem_get_info``, which
+    starts a context on each); empty without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    return {index: torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())}
 
 
 def resolve_dtype(spec: str, device: Device) -> torch.dtype:

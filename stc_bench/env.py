@@ -381,7 +381,8 @@ def capture_environment(device: Device | None = None, allocator: AllocatorSettin
     """Versions, device, threads, git commit, torch's kernel switches and the recorded
     environment variables, as a JSON-safe dict; on CUDA also the GPU's identity and limits
     (``gpu_uuid``, ``driver_version``, ``cuda_driver_version``, max clocks, power limit,
-    persistence and MIG mode) and a ``gpu_state_before`` snapshot (see ``gpu_state``).
+    persistence and MIG mode) and a ``gpu_state_before`` snapshot (see ``gpu_state``); for a run
+    placed across GPUs, ``peer_devices``: the name and memory of each other GPU it uses.
     ``cuda_version`` is the CUDA runtime torch was built with. Never raises on a missing fact.
 
     Host facts that move CPU timings: ``allocator`` (what ``allocator.steady_allocator`` did at the
@@ -428,6 +429,10 @@ def capture_environment(device: Device | None = None, allocator: AllocatorSettin
             env["gpu_uuid"] = _torch_gpu_uuid(device)
             env.update(_static_gpu_facts(device))
             env["gpu_state_before"] = gpu_state(device)
+        if device.peers:  # --device-map auto: the other GPUs the LLM is placed on (run.placement says what each holds)
+            env["peer_devices"] = [{"device": str(peer), "device_name": torch.cuda.get_device_name(peer),
+                                    "gpu_memory_gb": round(torch.cuda.get_device_properties(peer).total_memory / 2**30, 1)}
+                                   for peer in device.peers]
     return env
 
 

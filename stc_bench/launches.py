@@ -124,7 +124,7 @@ def profile_launches(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: D
     """The launch figures of every stage of ``arm``, from untimed passes over ``clip`` (run it
     after the arm's prepare pass, so one-time work is done). ``cycles_per_ms``: the sleep
     kernel's rate (``sleep_cycles_per_ms``; probed here when not given); CUDA only."""
-    frames = clip.shape[0]
+    frames = clip.shape[0] * clip.shape[1] if clip.dim() == 5 else clip.shape[0]  # every stream's frames
     counter = OperatorCounter()
     timer = CountingTimer(device, counter)
     compiled = bool(dict(arm.knobs).get("compile", False))

@@ -39,14 +39,24 @@ class StageSpec:
     frames: int
     stage: str
     arm: Arm
+    shard: int | None = None
+    """In a merged run (``stc-bench merge``): the shard K that measured it, with its own baseline; else None."""
+    streams: int = 1
+    """Videos served concurrently in each timed pass (``--streams``); its baseline served as many."""
 
     def baseline(self) -> StageSpec:
-        """The spec of the baseline this measurement is compared with."""
+        """The spec of the baseline this measurement is compared with (same shard, same streams)."""
         return replace(self, arm=BASELINE)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (the arm as ``{"method", "knobs"}``)."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "arm"}, "arm": self.arm.to_dict()}
+        """JSON-safe dict (the arm as ``{"method", "knobs"}``; ``shard`` only in a merged run,
+        ``streams`` only where more than one)."""
+        d = {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "arm"}, "arm": self.arm.to_dict()}
+        if d["shard"] is None:
+            del d["shard"]  # files of unsharded runs stay as they were
+        if d["streams"] == 1:
+            del d["streams"]  # so do files of one-stream runs
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageSpec:

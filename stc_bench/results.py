@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stc_bench.config import BenchConfig
+from stc_bench.config import SCALES, BenchConfig
 from stc_bench.errors import BenchUsageError
 from stc_bench.measurement import BASELINE, STAGE_ORDER, Measurement, Reduction, StageLaunches, StageSpec, paired_reduction
 from stc_bench.methods.method import Arm
@@ -37,7 +37,7 @@ READABLE_VERSIONS = (1, 2)
 DOCUMENT_KEYS = ("schema_version", "complete", "config", "environment", "run", "errors", "arms", "measurements",
                  "summaries", "points")
 """Top-level keys of a results document this stc-bench reads or derives (``points``: schema 1)."""
-RUN_SCALES = ("full", "small", "tiny", "checkpoint")
+RUN_SCALES = (*(s for s in SCALES if s != "auto"), "checkpoint")
 """Scales a run is built at (``run.scale``; ``auto`` is resolved before building)."""
 
 FIDELITY_COLUMNS = ("vit_cosine_mean", "vit_cosine_min", "logits_top1_agreement", "logits_kl_mean")
@@ -69,6 +69,17 @@ class ArmResult:
     """Per stage, the launch figures of one untimed pass (``stc_bench.launches.StageLaunches``):
     operators dispatched per frame, and on CUDA the pre-queued span sum the launch-bound verdict
     is judged from; None in files written before stc-bench recorded them."""
+    shard: int | None = None
+    """In a merged run (``stc-bench merge``): the shard K that measured this arm, against its own
+    baseline (the baseline's ArmResult of the same frame count and shard); else None."""
+    streams: int = 1
+    """Videos served concurrently in each pass (``--streams``); compared with the baseline serving
+    as many. ``macs`` and ``tokens`` count every stream."""
+
+    @property
+    def name(self) -> str:
+        """How reports name the arm: its label, with its streams where several and its shard in a merged run."""
+        return arm_name(self.arm.label, self.shard, self.streams)
 
     @property
     def page_faults(self) -> list[float]:
@@ -85,6 +96,10 @@ class ArmResult:
             d["host_usage"] = self.host_usage
         if self.launches is not None:
             d["launches"] = self.launches
+        if self.shard is not None:
+            d["shard"] = self.shard
+        if self.streams != 1:
+            d["streams"] = self.streams
         return copy.deepcopy(d)
 
     @classmethod
@@ -94,7 +109,7 @@ class ArmResult:
         return cls(d["frames"], Arm.from_dict(d["arm"]), dict(d["macs"]), dict(d["tokens"]), dict(d.get("fidelity", {})),
                    list(d.get("chunk_kinds", [])), d.get("recompute_fraction"), d.get("graphs"),
                    {k: list(v) for k, v in host.items()} if host is not None else None,
-                   copy.deepcopy(d.get("launches")))
+                   copy.deepcopy(d.get("launches")), d.get("shard"), d.get("streams", 1))
 
 
 @dataclass
@@ -114,19 +129,26 @@ class RunResult:
     """Top-level keys of the file this result was read from that this stc-bench does not know
     (written by a newer one): kept as they were and written back, never dropped."""
 
-    def measurement(self, frames: int, arm: Arm, stage: str) -> Measurement | None:
-        """The measurement of ``stage`` of ``arm`` at ``frames`` frames."""
+    def measurement(self, frames: int, arm: Arm, stage: str, shard: int | None = None, streams: int = 1) -> Measurement | None:
+        """The measurement of ``stage`` of ``arm`` at ``frames`` frames serving ``streams`` videos (in a
+        merged run: of ``shard``)."""
         return next((m for m in self.measurements
-                     if m.spec.frames == frames and m.spec.stage == stage and m.spec.arm == arm), None)
+                     if m.spec.frames == frames and m.spec.stage == stage and m.spec.arm == arm and m.spec.shard == shard
+                     and m.spec.streams == streams), None)
 
-    def baseline(self, frames: int, stage: str) -> Measurement | None:
-        """The baseline measurement of ``stage`` at ``frames`` frames."""
-        return self.measurement(frames, BASELINE, stage)
+    def baseline(self, frames: int, stage: str, shard: int | None = None, streams: int = 1) -> Measurement | None:
+        """The baseline measurement of ``stage`` at ``frames`` frames and ``streams`` (in a merged run: ``shard``'s own)."""
+        return self.measurement(frames, BASELINE, stage, shard, streams)
 
     @property
     def compared(self) -> list[ArmResult]:
         """Every arm but the baseline, per frame count, in run order."""
         return [a for a in self.arms if not a.arm.is_baseline]
+
+    @property
+    def stream_counts(self) -> list[int]:
+        """Numbers of concurrent streams with results, in run order ([1] for a one-stream run)."""
+        return list(dict.fromkeys(a.streams for a in self.arms)) or [1]
 
     @property
     def frame_counts(self) -> list[int]:
@@ -145,15 +167,17 @@ class RunResult:
         return sorted({m.spec.stage for m in self.measurements}, key=lambda s: order.get(s, 9))
 
     def reduction(self, arm: ArmResult, stage: str) -> Reduction | None:
-        """Paired reduction of ``stage`` of an arm against the baseline at its frame count."""
-        base, new = self.baseline(arm.frames, stage), self.measurement(arm.frames, arm.arm, stage)
+        """Paired reduction of ``stage`` of an arm against the baseline at its frame count (in a
+        merged run, the baseline measured in the arm's own shard: never another shard's)."""
+        base = self.baseline(arm.frames, stage, arm.shard, arm.streams)
+        new = self.measurement(arm.frames, arm.arm, stage, arm.shard, arm.streams)
         if base is None or new is None or arm.arm.is_baseline or min(base.n, new.n) == 0 or base.min <= 0:
             return None  # no ratio to a baseline of no time (or no samples): rendered as a dash
         return paired_reduction(base, new)
 
     def flop_reduction(self, arm: ArmResult, stage: str) -> float | None:
         """``1 - macs(arm) / macs(baseline)`` of a stage; None for the baseline or where not modelled."""
-        base = self.baseline_facts(arm.frames)
+        base = self.baseline_facts(arm.frames, arm.shard, arm.streams)
         if base is None or arm.arm.is_baseline:
             return None
         before, after = base.macs.get(stage), arm.macs.get(stage)
@@ -161,13 +185,14 @@ class RunResult:
             return None
         return 1.0 - after / before
 
-    def baseline_facts(self, frames: int) -> ArmResult | None:
-        """The baseline's exact facts at ``frames`` frames."""
-        return next((a for a in self.arms if a.frames == frames and a.arm.is_baseline), None)
+    def baseline_facts(self, frames: int, shard: int | None = None, streams: int = 1) -> ArmResult | None:
+        """The baseline's exact facts at ``frames`` frames and ``streams`` (in a merged run: ``shard``'s own)."""
+        return next((a for a in self.arms if a.frames == frames and a.arm.is_baseline and a.shard == shard
+                     and a.streams == streams), None)
 
     def table(self) -> pd.DataFrame:
         """The results table (computed once per content; treat it as read-only): one row per
-        frame count, arm and stage.
+        frame count, number of concurrent streams, arm and stage.
 
         Columns: run identity (framework, scale, device, dtype), frames, method, arm (label),
         one column per knob of any arm (empty where an arm has no such knob), stage, sample
@@ -178,8 +203,14 @@ class RunResult:
         fraction, peak memory, and median page faults and system ms per timed stream
         (page_faults_median, system_ms_median: the whole stream, the same on each stage row;
         empty where not recorded); the stage's operators_per_frame and, on CUDA,
-        launch_verdict (``stc_bench.launches``; empty where not recorded). Every view of a run
-        reads this.
+        launch_verdict (``stc_bench.launches``; empty where not recorded); and shard: in a merged
+        run the shard that measured the row (its reductions are against that shard's baseline
+        row: one baseline row per shard and frame count, never pooled), else empty; streams, the
+        videos served concurrently in each pass (reductions are against the baseline serving as
+        many), with the serving figures: step_ms_median and step_ms_p90 over every streaming
+        step of every timed pass (a frame waits for its step: its per-frame latency in this
+        stage), and frames_per_s (streams x frames over the median pass time). Every view of a
+        run reads this.
         """
         key = (len(self.measurements), len(self.arms), tuple(m.n for m in self.measurements),
                tuple(bool(m.metadata) for m in self.measurements))
@@ -197,7 +228,7 @@ class RunResult:
         rows = []
         for facts in self.arms:
             for stage in self.stages:
-                m = self.measurement(facts.frames, facts.arm, stage)
+                m = self.measurement(facts.frames, facts.arm, stage, facts.shard, facts.streams)
                 if m is None:
                     continue
                 knobs = dict(facts.arm.knobs)
@@ -228,6 +259,12 @@ class RunResult:
                 figures = StageLaunches.from_dict(launches) if launches is not None else None
                 row["operators_per_frame"] = figures.operators_per_frame if figures is not None else None
                 row["launch_verdict"] = figures.verdict if figures is not None else None
+                row["shard"] = facts.shard
+                row["streams"] = facts.streams
+                steps = [t for repeat in m.chunk_ms for t in repeat]
+                row["step_ms_median"] = float(statistics.median(steps)) if steps else None
+                row["step_ms_p90"] = _p90(steps)
+                row["frames_per_s"] = facts.streams * facts.frames / (m.median / 1000.0) if m.n and m.median > 0 else None
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -241,7 +278,9 @@ class RunResult:
                     summaries.append({"frames": facts.frames, "arm": facts.arm.to_dict(), "stage": stage,
                                       "reduction_min": r.on_min, "reduction_median": r.on_median, "ci_low": r.ci_low,
                                       "ci_high": r.ci_high, "round_iqr": r.round_iqr,
-                                      "flop_reduction": self.flop_reduction(facts, stage)})
+                                      "flop_reduction": self.flop_reduction(facts, stage),
+                                      **({"shard": facts.shard} if facts.shard is not None else {}),
+                                      **({"streams": facts.streams} if facts.streams != 1 else {})})
         return {
             **copy.deepcopy(self.extra),
             "schema_version": SCHEMA_VERSION,
@@ -492,6 +531,10 @@ def check_document(d: dict[str, Any]) -> None:
         if a.get("recompute_fraction") is not None:
             _number(a["recompute_fraction"], f"{where}.recompute_fraction", minimum=0)
         _field(a, "graphs", where, (dict,), "an object", optional=True)
+        if a.get("shard") is not None:
+            _number(a["shard"], f"{where}.shard", integer=True, minimum=0)
+        if "streams" in a:
+            _number(a["streams"], f"{where}.streams", integer=True, minimum=1)
         for stage, figures in (_field(a, "launches", where, (dict,), "an object", optional=True) or {}).items():
             if not isinstance(figures, dict):
                 raise _Malformed(f"{where}.launches.{stage} is {_kind(figures)}, not an object")
@@ -514,6 +557,10 @@ def check_document(d: dict[str, Any]) -> None:
             raise _Malformed(f"{where}.spec.framework {spec['framework']!r} is not the run's {bench.framework!r}")
         _number(_field(spec, "frames", f"{where}.spec", (int,), "a whole number"), f"{where}.spec.frames", integer=True, minimum=1)
         _arm(spec.get("arm"), f"{where}.spec.arm")
+        if spec.get("shard") is not None:
+            _number(spec["shard"], f"{where}.spec.shard", integer=True, minimum=0)
+        if "streams" in spec:
+            _number(spec["streams"], f"{where}.spec.streams", integer=True, minimum=1)
         times = _field(m, "times_ms", where, (list,), "a list of latencies")
         if not times:
             raise _Malformed(f"{where}.times_ms is empty: a measurement needs at least one sample")
@@ -537,6 +584,20 @@ def check_document(d: dict[str, Any]) -> None:
 def stage_spec(config: BenchConfig, run: dict[str, Any], device_label: str, frames: int, stage: str, arm: Arm) -> StageSpec:
     """The identity of a measurement of this run."""
     return StageSpec(config.framework, run["scale"], device_label, run["dtype"], frames, stage, arm)
+
+
+def _p90(values: list[float]) -> float | None:
+    """The 90th percentile of ``values`` (linear between order statistics); None when empty."""
+    if len(values) < 2:
+        return float(values[0]) if values else None
+    return float(statistics.quantiles(values, n=10, method="inclusive")[-1])
+
+
+def arm_name(label: str, shard: Any = None, streams: Any = 1) -> str:
+    """An arm's name in reports: its label, with its streams where several (``stc r0.25 N2 k64 x4
+    streams``) and in a merged run its shard (``baseline (shard 1)``)."""
+    name = label if is_missing(streams) or int(streams) == 1 else f"{label} x{int(streams)} streams"
+    return name if is_missing(shard) else f"{name} (shard {int(shard)})"
 
 
 def is_missing(value: Any) -> bool:

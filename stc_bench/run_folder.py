@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,10 +155,12 @@ class RunFolder:
         """Record the raw samples of ``rounds`` measured rounds of frame count ``frames``."""
         write_json_atomically(self.path / PARTIAL, {"frames": frames, "rounds": rounds, "samples": samples})
 
-    def read_progress(self, frames: tuple[int, ...], finished: set[int], arm_labels: list[str], repeats: int) -> Progress | None:
+    def read_progress(self, frames: tuple[int, ...], finished: set[int], arm_labels: list[str] | Mapping[int, list[str]],
+                      repeats: int) -> Progress | None:
         """partial.json checked against the run it continues (its frame counts, the ones already
-        finished, its arms and --repeats); None when there is none. ``ResumeError`` names what is
-        wrong and the fix (delete the file: only that frame count's rounds are measured again)."""
+        finished, its arms, or its arms per frame count for a shard, and --repeats); None when there
+        is none. ``ResumeError`` names what is wrong and the fix (delete the file: only that frame
+        count's rounds are measured again)."""
         path = self.path / PARTIAL
         if not path.is_file():
             return None
@@ -179,7 +181,8 @@ class RunFolder:
         (self.path / PARTIAL).unlink(missing_ok=True)
 
 
-def _progress_problem(data: Any, frames: tuple[int, ...], finished: set[int], arm_labels: list[str], repeats: int) -> str | None:
+def _progress_problem(data: Any, frames: tuple[int, ...], finished: set[int], arm_labels: list[str] | Mapping[int, list[str]],
+                      repeats: int) -> str | None:
     """What is wrong with a partial.json document for this run, or None."""
     if not isinstance(data, dict) or not {"frames", "rounds", "samples"} <= set(data):
         return "expected an object with frames, rounds and samples"
@@ -190,6 +193,8 @@ def _progress_problem(data: Any, frames: tuple[int, ...], finished: set[int], ar
         return f"--frames {f} is already finished in results.json"
     if not _is_int(rounds) or not 0 <= rounds <= repeats:
         return f"it claims {rounds!r} measured rounds of --frames {f}, but the run has --repeats {repeats}"
+    if isinstance(arm_labels, Mapping):  # a shard: its arms differ from one frame count to the next
+        arm_labels = arm_labels[f]
     if not isinstance(samples, dict) or sorted(samples) != sorted(arm_labels):
         found = ", ".join(sorted(samples)) if isinstance(samples, dict) else type(samples).__name__
         return f"its arms ({found}) are not this run's ({', '.join(arm_labels)})"

@@ -4,7 +4,9 @@ For each frame count, the baseline and every other arm (STC at each point of its
 peer methods) stream the same frames, interleaved (one round = every arm once; odd rounds run
 the arms in reverse order) so slow drift of the machine hits every arm alike, and the baseline
 is measured once for all arms. Each pass starts a fresh stream (new KV cache, new method state:
-pruner memory, a freshly attached cacher).
+pruner memory, a freshly attached cacher). A shard (``--shard K/N``) measures only its slice of
+the (frame count, arm) points, each frame count it touches with its own baseline, interleaved
+as ever (``stc_bench.shard``).
 
 Before any timed pass, one untimed *prepare* pass per arm captures features and logits for
 the fidelity figures and does every one-time thing a stream shape needs (CUDA-graph capture,
@@ -43,6 +45,7 @@ import gc
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +58,17 @@ from stc_bench.device import Device, ThreadSettings, pin_cpu_threads, resolve_de
 from stc_bench.env import allocator_variables, capture_environment, gpu_state
 from stc_bench.errors import BenchUsageError
 from stc_bench.fidelity import compare_streams
-from stc_bench.frameworks import get_framework
+from stc_bench.frameworks import FRAMEWORK_MODULES, get_framework
 from stc_bench.frameworks.framework import FrameworkSpec, Pipeline, StreamOutput
 from stc_bench.frameworks.parts import attention_implementations
 from stc_bench.launches import profile_launches
 from stc_bench.measurement import BASELINE, Measurement
 from stc_bench.methods import get_method
 from stc_bench.methods.method import COMPRESS, Arm, HookSite, MethodError
-from stc_bench.results import ArmResult, RunResult, stage_spec
+from stc_bench.placement import describe_placement, devices_of
+from stc_bench.results import ArmResult, RunResult, arm_name, stage_spec
 from stc_bench.run_folder import Progress, RunFolder
+from stc_bench.shard import plan_points, shard_block
 from stc_bench.timing import StageTimer
 from stc_bench.video import VideoSource, load_clip, resolve_video
 
@@ -174,6 +179,24 @@ def choose_scale(config: BenchConfig, device: Device) -> tuple[str, str]:
     return "small", "auto: no CUDA device, so a narrower model with the same token counts (full needs a GPU)"
 
 
+def choose_builder(config: BenchConfig, framework: FrameworkSpec, scale: str, device: Device) -> Callable[..., Pipeline]:
+    """How to build ``framework`` at ``scale``: its ``build``, or with ``--device-map auto`` its
+    ``build_across_gpus``. ``BenchUsageError`` naming the fix for a scale the framework has no
+    preset of, and for ``--device-map auto`` without CUDA or on a framework that cannot place its LLM."""
+    if scale != "checkpoint" and scale not in framework.presets:
+        raise BenchUsageError(f"--scale {scale}: {config.framework} has no such preset; pass one of {', '.join(framework.presets)}")
+    if config.device_map == "none":
+        return framework.build
+    if not device.is_cuda:
+        raise BenchUsageError(f"--device-map {config.device_map}: it places the LLM across CUDA GPUs, and this run is on the "
+                              f"{device.label} (no CUDA device here); leave out --device-map")
+    if framework.build_across_gpus is None:
+        able = [name for name in FRAMEWORK_MODULES if get_framework(name).build_across_gpus is not None]
+        raise BenchUsageError(f"--device-map {config.device_map}: {config.framework} cannot place its LLM across GPUs (only "
+                              f"{', '.join(able)} can); leave out --device-map")
+    return framework.build_across_gpus
+
+
 def arms_of(config: BenchConfig, site: HookSite) -> list[Arm]:
     """The arms of a run, baseline first: STC at every point of its knobs, then each peer method
     at every ``--tokens-per-frame`` with its ``--arm`` knob settings. Raises ``MethodError``
@@ -220,11 +243,37 @@ def _empty_host() -> dict[str, list]:
     return {key: [] for key in HOST_USAGE_KEYS}
 
 
-def _empty_samples(arms: list[Arm], stages: tuple[str, ...]) -> dict[str, Any]:
-    """JSON-safe raw samples: arm label -> totals/chunks per stage, peak memory, and per timed
+@dataclass(frozen=True)
+class Cell:
+    """What one timed pass measures at a frame count: an arm serving ``streams`` videos."""
+
+    arm: Arm
+    streams: int = 1
+
+    @property
+    def key(self) -> str:
+        """Its name in the raw samples and partial.json: the arm's label for one stream, as ever."""
+        return arm_name(self.arm.label, None, self.streams)
+
+
+def cells_of(arms: list[Arm], streams: tuple[int, ...]) -> list[Cell]:
+    """Every arm at every number of streams, the baseline first at each."""
+    return [Cell(arm, count) for count in streams for arm in arms]
+
+
+def serving_clip(clip: torch.Tensor, frames: int, streams: int) -> torch.Tensor:
+    """The clip of one pass: (frames, 3, H, W) for one stream; for S streams (S, frames, 3, H, W),
+    stream s starting s frames into ``clip``, so each serves different frames at each step."""
+    if streams == 1:
+        return clip[:frames]
+    return torch.stack([clip[s : s + frames] for s in range(streams)])
+
+
+def _empty_samples(cells: list[Cell], stages: tuple[str, ...]) -> dict[str, Any]:
+    """JSON-safe raw samples: cell key -> totals/chunks per stage, peak memory, and per timed
     stream the host's page faults and system time (``host``)."""
-    return {a.label: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None,
-                      "host": _empty_host()} for a in arms}
+    return {c.key: {"totals": {s: [] for s in stages}, "chunks": {s: [] for s in stages}, "peak_mb": None,
+                    "host": _empty_host()} for c in cells}
 
 
 def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Device, chunk_frames: int,
@@ -239,15 +288,25 @@ def _timed_pass(pipeline: Pipeline, clip: torch.Tensor, arm: Arm, device: Device
     return spans, device.peak_memory_mb(), (after - before if before is not None and after is not None else None)
 
 
-def prepare_arms(pipeline: Pipeline, clip: torch.Tensor, arms: list[Arm], timer: StageTimer,
+def prepare_arms(pipeline: Pipeline, clips: dict[int, torch.Tensor], cells: list[Cell], timer: StageTimer,
                  chunk_frames: int) -> dict[str, StreamOutput]:
-    """One untimed pass per arm, capturing what fidelity needs; everything a stream does once
+    """One untimed pass per cell, capturing what fidelity needs; everything a stream does once
     (graph capture, device index tensors, the timer's events) happens here, not in a timed span."""
     captured = {}
-    for arm in arms:
-        captured[arm.label] = pipeline.stream(clip, arm, timer, chunk_frames, capture=True)
+    for cell in cells:
+        captured[cell.key] = pipeline.stream(clips[cell.streams], cell.arm, timer, chunk_frames, capture=True)
         timer.finish()
     return captured
+
+
+def check_streams(config: BenchConfig, framework: FrameworkSpec) -> None:
+    """``--streams`` above 1 only where the framework serves concurrent streams; ``BenchUsageError`` otherwise."""
+    if max(config.streams) > 1 and not framework.serves_streams:
+        serving = ", ".join(name for name in FRAMEWORK_MODULES if get_framework(name).serves_streams)
+        raise BenchUsageError(
+            f"--streams {','.join(map(str, config.streams))}: {framework.name} serves one stream per pass (its memory is "
+            f"built per query, of a content-dependent size, so S streams cannot pre-fill as one batch); drop --streams, "
+            f"or use a framework that serves several: {serving}")
 
 
 def measure_frame_count(
@@ -260,11 +319,16 @@ def measure_frame_count(
     tick: Callable[[], None],
     folder: RunFolder | None = None,
     progress: Progress | None = None,
+    frames: int | None = None,
 ) -> tuple[list[Measurement], list[ArmResult]]:
-    """All arms at one frame count: interleaved timed rounds, then fidelity and exact counts.
+    """All arms at one frame count, at each ``config.streams``: interleaved timed rounds (every
+    arm at every number of streams once per round), then fidelity and exact counts. ``clip``
+    holds ``frames`` frames plus one per extra stream (default: all its frames, one stream).
     ``progress``: rounds of this frame count measured before (read and checked from partial.json)."""
-    frames = clip.shape[0]
+    frames = clip.shape[0] if frames is None else frames
     chunk_frames = run["chunk_frames"]
+    cells = cells_of(arms, config.streams)
+    clips = {count: serving_clip(clip, frames, count) for count in config.streams}
     if progress is not None and progress.frames == frames:
         first = next(iter(progress.samples.values()))
         if set(first["totals"]) != set(pipeline.stages):
@@ -276,24 +340,24 @@ def measure_frame_count(
             for key, values in _empty_host().items():
                 s.setdefault("host", {}).setdefault(key, values)
     else:
-        done, samples = 0, _empty_samples(arms, pipeline.stages)
+        done, samples = 0, _empty_samples(cells, pipeline.stages)
     if done:
         logger.warning("resuming %d frames: %d of %d rounds already measured", frames, done, config.repeats)
     timer = StageTimer(device)
-    captured = prepare_arms(pipeline, clip, arms, timer, chunk_frames)
-    launches = {arm.label: profile_launches(pipeline, clip, arm, device, chunk_frames) for arm in arms}
+    captured = prepare_arms(pipeline, clips, cells, timer, chunk_frames)
+    launches = {c.key: profile_launches(pipeline, clips[c.streams], c.arm, device, chunk_frames) for c in cells}
     tick(1)
     for repeat in range(config.warmup + config.repeats):
         measured = repeat >= config.warmup
         if measured and repeat - config.warmup < done:
-            tick(len(arms))
+            tick(len(cells))
             continue
-        for arm in arms if repeat % 2 == 0 else arms[::-1]:
-            spans, peak, usage = _timed_pass(pipeline, clip, arm, device, chunk_frames, timer)
+        for cell in cells if repeat % 2 == 0 else cells[::-1]:
+            spans, peak, usage = _timed_pass(pipeline, clips[cell.streams], cell.arm, device, chunk_frames, timer)
             tick(1)
             if not measured:
                 continue
-            s = samples[arm.label]
+            s = samples[cell.key]
             for stage in pipeline.stages:
                 per_chunk = [sp.ms for sp in spans if sp.stage == stage]
                 s["totals"][stage].append(sum(per_chunk))
@@ -307,33 +371,34 @@ def measure_frame_count(
             folder.save_progress(frames, repeat - config.warmup + 1, samples)
 
     measurements = []
-    for arm in arms:
-        s, out = samples[arm.label], captured[arm.label]
+    for cell in cells:
+        s, out = samples[cell.key], captured[cell.key]
         for stage in pipeline.stages:
             meta: dict[str, Any] = {"tokens": out.tokens[stage], "chunk_frames": chunk_frames}
             if stage == "vit":
                 meta["chunk_kinds"] = out.chunk_kinds
             if s["peak_mb"] is not None:
                 meta["peak_memory_mb"] = s["peak_mb"]
-            spec = stage_spec(config, run, device.label, frames, stage, arm)
+            spec = dataclasses.replace(stage_spec(config, run, device.label, frames, stage, cell.arm), streams=cell.streams)
             measurements.append(Measurement(spec, s["totals"][stage], config.warmup, s["chunks"][stage], meta))
-    base = captured[BASELINE.label]
     facts = []
-    for arm in arms:
-        out, host = captured[arm.label], samples[arm.label]["host"]
+    for cell in cells:
+        out, host = captured[cell.key], samples[cell.key]["host"]
+        base = captured[Cell(BASELINE, cell.streams).key]
         facts.append(ArmResult(
             frames=frames,
-            arm=arm,
-            macs=pipeline.macs(frames, arm, chunk_frames, out),
+            arm=cell.arm,
+            macs=pipeline.macs(frames, cell.arm, chunk_frames, out),
             tokens=out.tokens,
-            fidelity={} if arm.is_baseline else compare_streams(base, out),
+            fidelity={} if cell.arm.is_baseline else compare_streams(base, out),
             chunk_kinds=out.chunk_kinds,
             recompute_fraction=out.cacher_stats.recompute_fraction if out.cacher_stats is not None else None,
             graphs=dataclasses.asdict(out.graph_stats) if out.graph_stats is not None else None,
             # a stream's usage for every timed stream or none (a partial.json of an older stc-bench has none)
             host_usage=({key: list(host[key]) for key in HOST_USAGE_KEYS}
                         if all(len(host[key]) == config.repeats for key in HOST_USAGE_KEYS) else None),
-            launches={stage: figures.to_dict() for stage, figures in launches[arm.label].items()},
+            launches={stage: figures.to_dict() for stage, figures in launches[cell.key].items()},
+            streams=cell.streams,
         ))
     return measurements, facts
 
@@ -386,6 +451,7 @@ def _run_block(config: BenchConfig, framework: FrameworkSpec, scale: str, reason
         "stc_components": framework.stc_components,
         "chunk_frames": config.chunk_frames or (pipeline.default_chunk_frames if pipeline else None),
         "attn_implementation": attention_implementations(pipeline.modules()) if pipeline else {},
+        "placement": describe_placement(pipeline.modules()) if pipeline else {},
         "notes": (list(pipeline.notes) if pipeline else [])
                  + [note for note in (get_method(name).report_note for name in config.arms) if note],
     }
@@ -405,15 +471,21 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     scale, reason = choose_scale(config, device)
     torch.manual_seed(config.seed)
     framework = get_framework(config.framework)
+    build = choose_builder(config, framework, scale, device)
     arms = arms_of(config, framework.site())
-    video = resolve_video(config.video, max(config.frames), config.fps)  # before the build: a bad --video fails at once
+    plan = plan_points(config.frames, arms, config.shard)  # frame count -> its arms, baseline first (a shard: its points)
+    check_streams(config, framework)
+    # one more frame per extra stream: stream s serves the clip from frame s on
+    clip_frames = max(config.frames) + max(config.streams) - 1
+    video = resolve_video(config.video, clip_frames, config.fps)  # before the build: a bad --video fails at once
     finished = set(resume.frame_counts) if resume is not None else set()
     skipped = set() if resume is None or retry_failed else set(resume.failed_frames)
-    saved = (folder.read_progress(config.frames, finished, [a.label for a in arms], config.repeats)
+    saved = (folder.read_progress(tuple(plan), finished, {f: [c.key for c in cells_of(at, config.streams)] for f, at in plan.items()},
+                                  config.repeats)
              if folder is not None else None)  # checked before the build: a bad partial.json fails at once
     report(f"building {config.framework} ({scale}) on {device.label}", 0, 1)
     try:
-        pipeline = framework.build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
+        pipeline = build(scale, device.torch_device, dtype, config.seed, config.checkpoint)
     except (torch.cuda.OutOfMemoryError, MemoryError) as err:
         message = _out_of_memory(err, f"while building {config.framework}", f"scale {scale}, dtype {dtype_name}, on {device.label}",
                                  "try a smaller --scale, --dtype float16, or a device with more free memory")
@@ -423,9 +495,10 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         if folder is not None:
             folder.save_result(result)
         raise BenchmarkInterrupted(message, result) from None
+    device = device.with_peers(devices_of(pipeline.modules()))  # a placed LLM's GPUs: timed spans cover them too
     check_token_budgets(config, arms, pipeline.site)
-    todo = [f for f in config.frames if f not in finished and f not in skipped]
-    check_clip_memory(max(config.frames), pipeline.image_size, device, dtype)
+    todo = [f for f in plan if f not in finished and f not in skipped]
+    check_clip_memory(clip_frames, pipeline.image_size, device, dtype)
     if resume is not None:
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -435,19 +508,23 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     else:
         result = RunResult(config=config, environment=capture_environment(device, allocator, threads),
                            run=_run_block(config, framework, pipeline.scale, reason, dtype_name, pipeline, video))
+        if config.shard is not None:
+            result.run["shard"] = shard_block(config.shard, plan)
     if folder is not None:
         folder.save_result(result)
     try:
-        clip_all = load_clip(max(config.frames), pipeline.image_size, video, config.fps, config.seed,  # the same clip as ever
+        clip_all = load_clip(clip_frames, pipeline.image_size, video, config.fps, config.seed,  # the same clip as ever
                              mean=pipeline.mean, std=pipeline.std)
     except MemoryError as err:
-        result.errors.append(_out_of_memory(err, f"while making the clip of --frames {max(config.frames)}",
+        result.errors.append(_out_of_memory(err, f"while making the clip of {clip_frames} frames",
                                             f"{pipeline.image_size} px", "pass fewer --frames"))
         if folder is not None:
             folder.save_result(result)
         raise BenchmarkInterrupted(result.errors[-1], result) from None
-    per_frame_count = (config.warmup + config.repeats) * len(arms) + 1
-    passes = len(todo) * per_frame_count
+    def passes_at(frames: int) -> int:
+        return (config.warmup + config.repeats) * len(plan[frames]) * len(config.streams) + 1
+
+    passes = sum(passes_at(f) for f in todo)
     done = 0
     description = f"{config.framework}: {len(arms)} arms x {config.repeats} repeats"
     report(description, done, passes)
@@ -461,9 +538,10 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     for frames in todo:
         before = done
         try:
-            clip = clip_all[:frames].to(device.torch_device, dtype)
+            clip = clip_all[: frames + max(config.streams) - 1].to(device.torch_device, dtype)
             with torch.inference_mode():
-                measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, arms, tick, folder, saved)
+                measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, plan[frames], tick,
+                                                          folder, saved, frames)
         except (torch.cuda.OutOfMemoryError, MemoryError) as err:
             settings = f"scale {pipeline.scale}, dtype {dtype_name}, --chunk-frames {result.run['chunk_frames']}"
             message = _out_of_memory(err, f"at --frames {frames}", settings, "try fewer frames, a smaller --scale or another GPU")
@@ -473,7 +551,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
             failures.append(message)
             clip = None
             _free_memory(device)
-            tick(before + per_frame_count - done)
+            tick(before + passes_at(frames) - done)
             if folder is not None:
                 folder.clear_progress()  # its rounds are not resumed: a retry measures it afresh
                 folder.save_result(result)
@@ -489,7 +567,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
         if folder is not None:
             folder.save_result(result)
             folder.clear_progress()
-    result.complete = set(config.frames) <= set(result.frame_counts)
+    result.complete = set(plan) <= set(result.frame_counts)
     _note_compile_failure(config, result)
     result.environment["gpu_state_after"] = gpu_state(device)
     if folder is not None:

@@ -9,6 +9,19 @@ On CUDA the marks are events recorded on the device's current stream. They are c
 of the spans (``reserve``) and reused by every later pass, so a timed span does no more host
 work than recording an event; a pass that needs more marks than reserved grows the pool, which
 only the first (untimed) pass of a run does.
+
+A run placed across several GPUs (``--device-map auto``: the device has ``peers``) still times
+each span with one event pair on the run's device, but every mark is a device-side barrier
+across all of them: each peer's current stream records a *join* event that the run device's
+stream waits for, then the mark is recorded, then every peer's stream waits for the mark. So the
+end mark completes only once every GPU has finished the span's work, and no GPU starts a span's
+work before its start mark. Why not one event pair per device: CUDA cannot take the time between
+events of two devices, and a per-device span would leave out the hand-offs between GPUs (a
+pre-fill's layers run one GPU after the other); and why not a host synchronisation: it is not
+allowed inside a run's timed rounds. The barrier costs a few event records and stream waits per
+mark and nothing on the host; what it removes is overlap between stages on different GPUs (the
+next chunk's ViT on GPU 0 while the last GPU finishes the pre-fill), so each stage's time is its
+own critical path and the stages add up to the stream's time as on one GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ class StageTimer:
         self.device = device
         self.forbid_syncs = forbid_syncs
         self._events: list[torch.cuda.Event] = []
+        self._joins: list[torch.cuda.Event] = []  # one per peer; a wait copies the event's state, so one is reused
         self._used = 0
         self._marks: list[tuple[str, int, object, object]] = []
 
@@ -53,6 +67,8 @@ class StageTimer:
             with self.device.activate():
                 while len(self._events) < 2 * spans:
                     self._events.append(torch.cuda.Event(enable_timing=True))
+                while len(self._joins) < len(self.device.peers):
+                    self._joins.append(torch.cuda.Event())  # no timing: a join only orders streams
 
     def _mark(self) -> object:
         if not self.device.is_cuda:
@@ -61,7 +77,14 @@ class StageTimer:
             self.reserve(len(self._events) // 2 + 1)
         event = self._events[self._used]
         self._used += 1
-        event.record(torch.cuda.current_stream(self.device.torch_device))
+        stream = torch.cuda.current_stream(self.device.torch_device)
+        peers = [torch.cuda.current_stream(peer) for peer in self.device.peers]
+        for peer, join in zip(peers, self._joins):
+            join.record(peer)           # where that GPU's queue stands now
+            stream.wait_event(join)     # the mark waits for every GPU's work so far
+        event.record(stream)
+        for peer in peers:
+            peer.wait_event(event)      # and no GPU runs later work before the mark
         return event
 
     @contextlib.contextmanager
@@ -74,8 +97,8 @@ class StageTimer:
         self._marks.append((stage, chunk, start, self._mark()))
 
     def finish(self) -> list[Span]:
-        """Synchronise once and return every span of the pass in recording order; the timer is
-        then ready for the next pass (its events are reused)."""
+        """Synchronise once (the device and its peers) and return every span of the pass in
+        recording order; the timer is then ready for the next pass (its events are reused)."""
         self.device.synchronize()
         if self.device.is_cuda:
             spans = [Span(s, c, float(a.elapsed_time(b))) for s, c, a, b in self._marks]

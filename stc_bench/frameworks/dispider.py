@@ -69,24 +69,28 @@ class DispiderPipeline:
 
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """Every clip of ``chunk_frames`` frames through the tower, timed per clip."""
+        """Every clip of ``chunk_frames`` frames through the tower, timed per clip; S videos
+        (S, T, 3, H, W) are served in lockstep, one clip of each per tower call."""
+        streams, frames = (clip.shape[0], clip.shape[1]) if clip.dim() == 5 else (1, clip.shape[0])
         method = method_stream(arm, self.site)
         steps = encode_steps(self.vision_tower, clip, method, timer, chunk_frames)
+        first = [step[: step.shape[0] // streams] for step in steps]                       # the first video's frames
         return StreamOutput(
             tokens={"vit": sum(s.shape[0] * s.shape[1] for s in steps)},
             llm_steps=[],
-            chunk_kinds=chunk_kinds(method.cacher_stats, len(chunk_starts(clip.shape[0], chunk_frames))),
+            chunk_kinds=chunk_kinds(method.cacher_stats, len(chunk_starts(frames, chunk_frames))),
             cacher_stats=method.cacher_stats,
             graph_stats=method.graph_stats,
-            features=torch.cat(steps)[:, 1:] if capture else None,                        # drop CLS: (T, n - 1, d)
+            features=torch.cat(first)[:, 1:] if capture else None,                        # drop CLS: (T, n - 1, d)
+            streams=streams,
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """ViT multiply-adds: patch embedding on every frame + the encoder layers under the arm (CLS
-        included); the class token, position embeddings and pre/post LayerNorms cost no MACs."""
+        """ViT multiply-adds of every stream of the pass: patch embedding on every frame + the encoder
+        layers under the arm (CLS included); the class token, position embeddings and pre/post LayerNorms cost no MACs."""
         tower = self.shape.tower
-        return {"vit": embedding_macs(tower, frames)
-                + get_method(arm.method).tower_macs(arm, vit_shape(tower, prefix_tokens=1), frames)}
+        return {"vit": out.streams * (embedding_macs(tower, frames)
+                                      + get_method(arm.method).tower_macs(arm, vit_shape(tower, prefix_tokens=1), frames))}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> DispiderPipeline:
@@ -107,5 +111,6 @@ FRAMEWORK = FrameworkSpec(
     presets=PRESETS,
     build=build,
     hooks=frozenset({TOWER}),
+    serves_streams=True,
     tower_kind="CLIPEncoderLayer",
 )

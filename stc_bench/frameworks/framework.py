@@ -29,7 +29,8 @@ class StreamOutput:
     tokens: dict[str, int]
     """Tokens each stage emitted over the whole stream."""
     llm_steps: list[int]
-    """Tokens of each timed pre-fill call, in order (visual and text): the pre-fill MAC model's input."""
+    """Tokens of each timed pre-fill call per stream, in order (visual and text): the pre-fill MAC
+    model's input (a call pre-fills that many tokens into each of ``streams`` sequences)."""
     chunk_kinds: list[str]
     """Per chunk: "full" (no cacher), "refresh", "selective" or "mixed"."""
     cacher_stats: CacherStats | None = None
@@ -39,6 +40,9 @@ class StreamOutput:
     """(T, n, d) final ViT features, when captured."""
     logits: torch.Tensor | None = None
     """(positions, vocab) logits of a fixed query pre-filled after the stream, when captured."""
+    streams: int = 1
+    """Videos served concurrently in the pass (``tokens`` count all of them; ``features`` and
+    ``logits`` are the first video's)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ class Pipeline(Protocol):
 
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """Stream the normalised frames clip (T, 3, H, W) once through every stage under ``arm``."""
+        """Stream the normalised frames clip (T, 3, H, W) once through every stage under ``arm``;
+        where the framework ``serves_streams``, also S videos (S, T, 3, H, W), served concurrently
+        in lockstep (``--streams``)."""
         ...
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
@@ -95,6 +101,11 @@ class FrameworkSpec:
     """Hook points the framework offers methods (``tower``, ``compress``)."""
     tower_kind: str
     """The tower's layer class, e.g. ``SiglipEncoderLayer``: what a tower method must be able to patch."""
+    serves_streams: bool = False
+    """Whether its pipeline's ``stream`` serves S videos concurrently (``--streams S``)."""
+    build_across_gpus: Callable[..., Pipeline] | None = None
+    """Like ``build``, with the LLM placed across every visible GPU and the rest on ``device``
+    (``--device-map auto``, ``stc_bench.placement``); None where the framework cannot."""
 
     @property
     def stc_components(self) -> str:

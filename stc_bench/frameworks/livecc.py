@@ -9,6 +9,7 @@ one), with a temporal group as the unit of reuse; the pre-fill is unchanged by S
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from stc.flops import LLMShape, ViTShape, patch_embedding_macs, patch_merger_mac
 from stc.integrations import batched_attention
 from stc_bench.device import host_resident
 from stc_bench.frameworks.framework import FrameworkSpec, Preset, StreamOutput, method_stream
-from stc_bench.frameworks.parts import QWEN2, CausalLM, chunk_kinds, chunk_starts, describe_llm, tower_site
+from stc_bench.frameworks.parts import QWEN2, CausalLM, chunk_kinds, chunk_starts, describe_llm, stream_ids, tower_site
 from stc_bench.frameworks.weights import build_random, refuse_checkpoint
 from stc_bench.methods import get_method
 from stc_bench.methods.method import TOWER, Arm
@@ -185,42 +186,54 @@ class LiveCCPipeline:
 
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """One video: per step the tower on the new frames, then their pre-fill with the turn text."""
+        """One video (T, 3, H, W): per step the tower on the new frames, then their pre-fill with
+        the turn text. S videos (S, T, 3, H, W) are served in lockstep: one tower call on every
+        stream's new temporal groups (one ``grid_thw`` row per stream), one batched pre-fill of S
+        sequences. Captures (``capture``) are the first video's."""
         from stc_bench.frameworks.transformers_compat import qwen2_vision_forward
 
         v = self.shape.vision
+        clips = clip if clip.dim() == 5 else clip[None]                                    # (S, T, 3, H, W)
+        streams, frames = clips.shape[:2]
         cache = self.llm.new_cache()
         features, vit_tokens, steps = [], 0, []
         method = method_stream(arm, self.site)
+        turn = self.llm.embed(self._turn_ids).expand(streams, -1, -1)                      # (S, TURN, C)
         # Like for like: an arm that leaves the tower alone gets the batched attention the cacher runs.
         patch = method.tower() if method.patches_tower else batched_attention(self.vision_tower)
         with patch:
-            for step, (start, end) in enumerate(self.steps(clip.shape[0], chunk_frames)):
-                pixels, grid = patchify(clip[start:end], v.patch_size, v.temporal_patch, v.merge)
+            for step, (start, end) in enumerate(self.steps(frames, chunk_frames)):
+                parts = [patchify(clips[s, start:end], v.patch_size, v.temporal_patch, v.merge) for s in range(streams)]
+                pixels = torch.cat([p for p, _ in parts])                                   # (S * groups * n, 3 * 2 * p * p)
+                grid = host_resident(torch.cat([g for _, g in parts]))                     # (S, 3): one row per stream, on the host
                 precomputed = precomputed_vision_inputs(grid, v.merge, pixels.device)
-                with timer.span("vit", step):
+                groups = int(grid[0, 0])
+                serving = method.serving(stream_ids(streams, groups)) if streams > 1 else contextlib.nullcontext()
+                with timer.span("vit", step), serving:
                     visual, hidden = qwen2_vision_forward(self.vision_tower, pixels, grid, **precomputed)
-                    # visual: merged tokens (groups*m, C); hidden: the last block's output (groups*n, d)
+                    # visual: merged tokens (S*groups*m, C); hidden: the last block's output (S*groups*n, d)
                 with timer.span("prefill", step):
-                    embeds = torch.cat([self.llm.embed(self._turn_ids)[0], visual]).unsqueeze(0)  # (1, L, C)
+                    embeds = torch.cat([turn, visual.view(streams, -1, visual.shape[-1])], dim=1)  # (S, L, C)
                     self.llm.forward_embeds(embeds, cache)
                 vit_tokens += hidden.shape[0]
                 steps.append(embeds.shape[1])
                 if capture:
-                    features.append(hidden.view(-1, v.tokens, v.width))
+                    features.append(hidden.view(streams, -1, v.tokens, v.width)[0])            # (groups, n, d)
         stats = method.cacher_stats
         return StreamOutput(
-            tokens={"vit": vit_tokens, "prefill": sum(steps)},
+            tokens={"vit": vit_tokens, "prefill": streams * sum(steps)},
             llm_steps=steps,
-            chunk_kinds=chunk_kinds(stats, len(self.steps(clip.shape[0], chunk_frames))),
+            chunk_kinds=chunk_kinds(stats, len(self.steps(frames, chunk_frames))),
             cacher_stats=stats,
             graph_stats=method.graph_stats,
             features=torch.cat(features) if capture else None,
-            logits=self.llm.text_logits(self._query_ids, cache) if capture else None,
+            logits=self.llm.lm_head(self.llm.forward_embeds(
+                self.llm.embed(self._query_ids).expand(streams, -1, -1), cache)[0]) if capture else None,
+            streams=streams,
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """Multiply-adds of each timed stage. vit, per temporal group: the patch embedding (a Conv3d
+        """Multiply-adds of each timed stage, over every stream of the pass. vit, per temporal group: the patch embedding (a Conv3d
         over 2 frames) on every token, the blocks under the arm, the PatchMerger on every token
         (every arm leaves the whole grid); LayerNorms and rotary embeddings cost no MACs. prefill:
         the decoder on the tokens each step sent (turn-text embedding: a lookup; no logits)."""
@@ -230,8 +243,8 @@ class LiveCCPipeline:
         tokens = groups * v.tokens
         outside = (patch_embedding_macs(tokens, v.width, v.patch_size, temporal_patch=v.temporal_patch)
                    + patch_merger_macs(tokens, v.width, v.out_width, v.merge))
-        return {"vit": outside + get_method(arm.method).tower_macs(arm, shape, groups),
-                "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, logits_tokens=0)}
+        return {"vit": out.streams * (outside + get_method(arm.method).tower_macs(arm, shape, groups)),
+                "prefill": out.streams * streamed_prefill_macs(self.shape.llm, out.llm_steps, logits_tokens=0)}
 
 
 def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> LiveCCPipeline:
@@ -248,5 +261,6 @@ FRAMEWORK = FrameworkSpec(
     presets=PRESETS,
     build=build,
     hooks=frozenset({TOWER}),
+    serves_streams=True,
     tower_kind="Qwen2VLVisionBlock",
 )

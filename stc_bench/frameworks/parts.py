@@ -3,6 +3,7 @@ builders from transformers classes, and the decoder wrapper used for pre-fill.""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,18 @@ SIGLIP = {
     "small": TowerShape(256, 1024, 6, 4, 384, 14),
     "tiny": TowerShape(32, 64, 2, 4, 54, 2),
 }
+SIGLIP["72b"] = SIGLIP["full"]  # LLaVA-OneVision-72B keeps the 7B's tower
 
 # Qwen2-7B (ReKV, StreamForest, and LiveCC's Qwen2-VL-7B text model, same FLOPs).
 QWEN2 = {
     "full": LLMShape(width=3584, mlp_width=18944, layers=28, heads=28, kv_heads=4, vocab=152064),
     "small": LLMShape(width=512, mlp_width=1408, layers=4, heads=8, kv_heads=2, vocab=16384),
     "tiny": LLMShape(width=64, mlp_width=128, layers=2, heads=4, kv_heads=2, vocab=512),
+    # Qwen2-72B-Instruct, LLaVA-OneVision-72B's LLM: hidden_size 8192, intermediate_size 29568,
+    # 80 layers, 64 heads, 8 KV heads, vocab_size 152064, rope_theta 1e6, rms_norm_eps 1e-6,
+    # untied head (HFCFG: Qwen/Qwen2-72B-Instruct config.json). About 72.7e9 parameters, 135 GiB in
+    # float16: larger than one GPU, so built only with --device-map auto.
+    "72b": LLMShape(width=8192, mlp_width=29568, layers=80, heads=64, kv_heads=8, vocab=152064),
 }
 
 
@@ -61,8 +68,8 @@ class TowerLLMShape:
     llm: LLMShape
 
 
-SIGLIP_QWEN2 = {scale: TowerLLMShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny")}
-"""SigLIP-so400m (26 layers) + Qwen2-7B, and their small and tiny stand-ins."""
+SIGLIP_QWEN2 = {scale: TowerLLMShape(SIGLIP[scale], QWEN2[scale]) for scale in ("full", "small", "tiny", "72b")}
+"""SigLIP-so400m (26 layers) + Qwen2-7B, their small and tiny stand-ins, and + Qwen2-72B."""
 
 
 def describe_llm(shape: LLMShape, name: str = "Qwen2") -> str:
@@ -80,6 +87,17 @@ def siglip_config(shape: TowerShape):
         num_attention_heads=shape.heads, image_size=shape.image_size, patch_size=shape.patch_size,
         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False,
     )
+
+
+def llm_parameters(shape: LLMShape) -> int:
+    """Parameters of a Qwen2 decoder of ``shape`` with an untied LM head: per layer the q, k, v
+    (with biases) and o projections, the gated MLP and two RMSNorms; then the token embedding,
+    the final norm and the LM head. The matrices are those ``stc.flops.prefill_macs`` multiplies
+    each token by, so its count for one token, attention left out, is the weights less the
+    embedding, biases and norms."""
+    d, kv = shape.width, shape.kv_heads * (shape.width // shape.heads)
+    per_layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * shape.mlp_width + 2 * d
+    return shape.layers * per_layer + 2 * shape.vocab * d + d
 
 
 def qwen2_config(shape: LLMShape):
@@ -137,11 +155,21 @@ class CausalLM:
         self._cache_keyword = cache_keyword(decoder)   # "cache", or "past_key_values" before it existed
 
     @classmethod
-    def random(cls, shape: LLMShape, device: torch.device, dtype: torch.dtype, seed: int) -> CausalLM:
-        """A random-weight Qwen2 of ``shape``."""
+    def random(cls, shape: LLMShape, device: torch.device, dtype: torch.dtype, seed: int,
+               device_map: str = "none") -> CausalLM:
+        """A random-weight Qwen2 of ``shape`` on ``device``; with ``device_map="auto"``, placed
+        across every visible GPU instead (``stc_bench.placement``)."""
         from transformers import Qwen2ForCausalLM
 
-        model = build_random(lambda: Qwen2ForCausalLM(qwen2_config(shape)), device, dtype, seed)
+        def factory():
+            return Qwen2ForCausalLM(qwen2_config(shape))
+
+        if device_map == "auto":
+            from stc_bench.placement import place_random
+
+            model = place_random(factory, dtype, seed)
+        else:
+            model = build_random(factory, device, dtype, seed)
         return cls(model.model, model.lm_head, shape)
 
     def modules(self) -> list[nn.Module]:
@@ -179,15 +207,26 @@ class CausalLM:
 
 
 def encode_steps(tower: nn.Module, clip: torch.Tensor, method: MethodStream, timer, chunk_frames: int) -> list[torch.Tensor]:
-    """Feed the clip to a CLIP/SigLIP tower ``chunk_frames`` frames per call under the arm's
-    tower hook, each call timed as stage "vit"; returns the last-layer features (before
-    post-norm) of every call."""
+    """Feed the clip (T, 3, H, W), or S clips served in lockstep (S, T, 3, H, W), to a CLIP/SigLIP
+    tower ``chunk_frames`` frames (of each clip) per call under the arm's tower hook, each call
+    timed as stage "vit"; returns the last-layer features (before post-norm) of every call,
+    (S * t, n, d) with the S clips' frames stream-major."""
+    clips = clip if clip.dim() == 5 else clip[None]                                   # (S, T, 3, H, W)
+    streams, frames = clips.shape[:2]
     features = []
     with method.tower():
-        for step, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
-            with timer.span("vit", step):
-                features.append(tower(pixel_values=clip[start:end], output_hidden_states=True).hidden_states[-1])
+        for step, (start, end) in enumerate(chunk_starts(frames, chunk_frames)):
+            batch = clips[:, start:end].flatten(0, 1)                                # (S * t, 3, H, W)
+            serving = method.serving(stream_ids(streams, end - start)) if streams > 1 else contextlib.nullcontext()
+            with timer.span("vit", step), serving:
+                features.append(tower(pixel_values=batch, output_hidden_states=True).hidden_states[-1])
     return features
+
+
+def stream_ids(streams: int, frames: int) -> tuple[int, ...]:
+    """The stream of each frame of a lockstep step that carries ``frames`` frames of each of
+    ``streams`` streams, stream-major: (0, 0, 1, 1, ...)."""
+    return tuple(s for s in range(streams) for _ in range(frames))
 
 
 def tower_site(framework: str, hooks: frozenset[str], tower: nn.Module, tokens: int, layers: int,
@@ -203,10 +242,12 @@ def tower_site(framework: str, hooks: frozenset[str], tower: nn.Module, tokens: 
 
 
 def chunk_kinds(stats: CacherStats | None, chunks: int) -> list[str]:
-    """Per ViT call, what the cacher did: "full" without a cacher, else refresh/selective/mixed."""
+    """Per ViT call, what the cacher did: "full" without a cacher, else refresh/selective/mixed
+    (of the first stream: streams served in lockstep share one schedule)."""
     if stats is None:
         return ["full"] * chunks
-    return ["refresh" if not c.selective_frames else "selective" if not c.refresh_frames else "mixed" for c in stats.calls]
+    first = [c for c in stats.calls if c.stream == stats.calls[0].stream]
+    return ["refresh" if not c.selective_frames else "selective" if not c.refresh_frames else "mixed" for c in first]
 
 
 def chunk_starts(frames: int, chunk_frames: int, first: int | None = None) -> list[tuple[int, int]]:

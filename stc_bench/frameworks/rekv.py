@@ -8,6 +8,7 @@ chunk's visual tokens appended to the KV cache, after an untimed system-prompt p
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -29,6 +30,7 @@ from stc_bench.frameworks.parts import (
     embedding_macs,
     qwen2_config,
     siglip_config,
+    stream_ids,
     tower_site,
     vit_shape,
 )
@@ -49,6 +51,8 @@ PRESETS = {
     "full": Preset("full", "LLaVA-OV-7B: SigLIP-so400m (26 layers) + Qwen2-7B"),
     "small": Preset("small", "same token counts (729 -> 196 per frame), narrow towers: ~1.5 min default run on a 2-core CPU"),
     "tiny": Preset("tiny", "toy widths, same 729 -> 196 token structure: for tests"),
+    "72b": Preset("72b", "LLaVA-OV-72B: SigLIP-so400m (26 layers) + Qwen2-72B (135 GiB in float16): only with "
+                         "--device-map auto, the LLM across several GPUs"),
 }
 
 
@@ -119,82 +123,124 @@ class RekvPipeline:
         """ViT features of the last layer, before post-norm: (t, 3, H, W) -> (t, 729, d)."""
         return self.vision_tower(pixel_values=frames, output_hidden_states=True).hidden_states[-1]
 
-    def compress(self, features: torch.Tensor, method: MethodStream) -> torch.Tensor:
-        """Projector, pooling, then the arm's compression hook: (t, n, d) -> (t, k, C).
+    def compress(self, features: torch.Tensor, method: MethodStream, streams: int = 1) -> torch.Tensor:
+        """Projector, pooling, then the arm's compression hook: (S * t, n, d) -> (S, K, C), the
+        step's tokens of each of ``streams`` streams (stream-major frames) as one sequence each.
 
         Pooling needs the 27x27 grid: when a method inside the tower (ToMe) left fewer tokens
         than the grid has, there is no grid to pool and the projected tokens go on unpooled.
         """
-        projected = self.projector(features)                                               # (t, n, C)
+        projected = self.projector(features)                                               # (S * t, n, C)
         if projected.shape[1] == self.grid**2:
-            projected = pool_2x2_bilinear(projected, self.grid)                            # (t, 196, C)
-        return method.compress(projected)                                                  # (t, k, C)
+            projected = pool_2x2_bilinear(projected, self.grid)                            # (S * t, 196, C)
+        return method.compress_streams(projected.unflatten(0, (streams, -1)))              # (S, K, C)
 
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """One video: untimed system prompt, then per chunk the three timed stages. With
-        ``capture``, also the final ViT features and the logits of a fixed query pre-filled
-        (untimed) after the stream: what the model would answer from, given each arm's cache."""
+        """One video (T, 3, H, W), or S videos served concurrently (S, T, 3, H, W): untimed system
+        prompt, then per step the three timed stages. S videos advance in lockstep, one chunk of
+        each per step (the serving pattern): one tower call on their S * t frames, each stream's
+        tokens compressed against its own history, and one batched pre-fill of S sequences, each
+        into its own KV cache row. With ``capture``, also the final ViT features and the logits
+        of a fixed query pre-filled (untimed) after the stream, of the first video: what the
+        model would answer from, given each arm's cache."""
+        clips = clip if clip.dim() == 5 else clip[None]                                    # (S, T, 3, H, W)
+        streams, frames = clips.shape[:2]
         cache = self.llm.new_cache()
-        self.llm.text_logits(self._prompt_ids, cache)
+        self._prefill_text(self._prompt_ids, cache, streams)
         method = method_stream(arm, self.site)
+        serving = streams > 1
         features, vit_tokens, steps = [], 0, []
         with method.tower():
-            for chunk, (start, end) in enumerate(chunk_starts(clip.shape[0], chunk_frames)):
-                with timer.span("vit", chunk):
-                    feats = self.encode(clip[start:end])
+            for chunk, (start, end) in enumerate(chunk_starts(frames, chunk_frames)):
+                step = clips[:, start:end].flatten(0, 1)                                  # (S * t, 3, H, W), stream-major
+                ids = stream_ids(streams, end - start)
+                with timer.span("vit", chunk), method.serving(ids) if serving else contextlib.nullcontext():
+                    feats = self.encode(step)                                              # (S * t, n, d)
                 with timer.span("compress", chunk):
-                    visual = self.compress(feats, method)
+                    visual = self.compress(feats, method, streams)                         # (S, K, C)
                 with timer.span("prefill", chunk):
-                    self.llm.forward_embeds(visual.reshape(1, -1, visual.shape[-1]), cache)   # (1, t*k, C)
+                    self.llm.forward_embeds(visual, cache)                                 # (S, K, C)
                 vit_tokens += feats.shape[0] * feats.shape[1]
-                steps.append(visual.shape[0] * visual.shape[1])
+                steps.append(visual.shape[1])
                 if capture:
-                    features.append(feats)
+                    features.append(feats[: end - start])                                  # the first video's frames
         stats = method.cacher_stats
-        frames = clip.shape[0]
         return StreamOutput(
-            tokens={"vit": vit_tokens, "compress": sum(steps), "prefill": sum(steps)},
+            tokens={"vit": vit_tokens, "compress": streams * sum(steps), "prefill": streams * sum(steps)},
             llm_steps=steps,
             chunk_kinds=chunk_kinds(stats, len(chunk_starts(frames, chunk_frames))),
+            streams=streams,
             cacher_stats=stats,
             graph_stats=method.graph_stats,
             features=torch.cat(features) if capture else None,
-            logits=self.llm.text_logits(self._query_ids, cache) if capture else None,
+            logits=self.llm.lm_head(self._prefill_text(self._query_ids, cache, streams)[0]) if capture else None,
         )
+
+    def _prefill_text(self, ids: torch.Tensor, cache, streams: int) -> torch.Tensor:
+        """Pre-fill text ids (1, L) into every stream's cache row; hidden states (S, L, C)."""
+        return self.llm.forward_embeds(self.llm.embed(ids).expand(streams, -1, -1), cache)
 
     def modules(self) -> list[nn.Module]:
         """The vision tower, the projector and the LLM's modules."""
         return [self.vision_tower, self.projector, *self.llm.modules()]
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
-        """Multiply-adds of each timed stage. vit: patch embedding on every frame + the encoder layers
-        under the arm (post-LayerNorm: no MACs). compress: the projector on the tokens the tower
-        left (2x2 pooling and the arm's compression hook, scoring and gathers, left out). prefill:
-        the decoder on the tokens each step sent (no logits are computed inside the span)."""
+        """Multiply-adds of each timed stage, over every stream of the pass (``out.streams`` videos
+        of ``frames`` frames). vit: patch embedding on every frame + the encoder layers under the
+        arm (post-LayerNorm: no MACs). compress: the projector on the tokens the tower left (2x2
+        pooling and the arm's compression hook, scoring and gathers, left out). prefill: the
+        decoder on the tokens each step sent (no logits are computed inside the span)."""
         tower = self.shape.tower
+        per_stream_vit = embedding_macs(tower, frames) + get_method(arm.method).tower_macs(arm, vit_shape(tower), frames)
         return {
-            "vit": embedding_macs(tower, frames) + get_method(arm.method).tower_macs(arm, vit_shape(tower), frames),
+            "vit": out.streams * per_stream_vit,
             "compress": projector_macs(out.tokens["vit"], tower.width, self.shape.llm.width),
-            "prefill": streamed_prefill_macs(self.shape.llm, out.llm_steps, past_tokens=SYSTEM_PROMPT_TOKENS,
-                                             logits_tokens=0),
+            "prefill": out.streams * streamed_prefill_macs(self.shape.llm, out.llm_steps, past_tokens=SYSTEM_PROMPT_TOKENS,
+                                                           logits_tokens=0),
         }
 
 
-def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None) -> RekvPipeline:
-    """Build ReKV at ``scale`` with random weights, or from a local LLaVA-OneVision checkpoint."""
+def build(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0, checkpoint: str | None = None,
+          device_map: str = "none") -> RekvPipeline:
+    """Build ReKV at ``scale`` with random weights, or from a local LLaVA-OneVision checkpoint;
+    with ``device_map="auto"`` the LLM is placed across every visible GPU, the vision tower and
+    projector on ``device`` (built first, so the LLM's budget on ``device`` is what they leave)."""
     if checkpoint is not None:
-        return _load_checkpoint(checkpoint, device, dtype, seed)
+        return _load_checkpoint(checkpoint, device, dtype, seed, device_map)
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 
     shape = SHAPES[scale]
     tower = build_siglip(shape.tower, device, dtype, seed)
     config = llava_onevision_config(shape)
     projector = build_random(lambda: LlavaOnevisionMultiModalProjector(config), device, dtype, seed + 1)
-    return RekvPipeline(scale, shape, tower, projector, CausalLM.random(shape.llm, device, dtype, seed + 2), seed)
+    llm = CausalLM.random(shape.llm, device, dtype, seed + 2, device_map=device_map)
+    return RekvPipeline(scale, shape, tower, projector, llm, seed)
 
 
-def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: int) -> RekvPipeline:
+def build_across_gpus(scale: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                      checkpoint: str | None = None) -> RekvPipeline:
+    """``build`` with the LLM placed across every visible GPU (``--device-map auto``)."""
+    return build(scale, device, dtype, seed, checkpoint, device_map="auto")
+
+
+def _checkpoint_device_map(path: str, device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+    """The device map of a LLaVA-OneVision checkpoint under ``--device-map auto``: planned on a
+    model built from its config on the meta device (nothing read but config.json)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from stc_bench.frameworks.transformers_compat import llava_onevision_parts
+    from stc_bench.frameworks.weights import build_empty
+    from stc_bench.placement import checkpoint_device_map
+
+    config = LlavaOnevisionConfig.from_pretrained(path, local_files_only=True)
+    meta = build_empty(lambda: LlavaOnevisionForConditionalGeneration(config), dtype)
+    _, _, decoder, lm_head = llava_onevision_parts(meta)
+    return checkpoint_device_map(meta, decoder, lm_head, device.index or 0, dtype)
+
+
+def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: int,
+                     device_map: str = "none") -> RekvPipeline:
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from stc_bench.frameworks.transformers_compat import from_pretrained_dtype, llava_onevision_parts
@@ -203,9 +249,10 @@ def _load_checkpoint(path: str, device: torch.device, dtype: torch.dtype, seed: 
     if raw.get("vision_feature_layer", -1) != -1:
         raise CheckpointError(f"--checkpoint {path}: vision_feature_layer {raw['vision_feature_layer']} is not -1; "
                               "only LLaVA-OneVision checkpoints with 26-layer towers read at layer -1 are supported")
-    # Straight onto the device in the compute dtype: a 7B checkpoint never sits in host RAM whole.
+    # Straight onto the device(s) in the compute dtype: a 7B checkpoint never sits in host RAM whole.
+    placement = _checkpoint_device_map(path, device, dtype) if device_map == "auto" else {"": device}
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, device_map={"": device}, local_files_only=True, use_safetensors=True, **from_pretrained_dtype(dtype)
+        path, device_map=placement, local_files_only=True, use_safetensors=True, **from_pretrained_dtype(dtype)
     ).eval()
     vc, tc = model.config.vision_config, model.config.text_config
     shape = TowerLLMShape(
@@ -224,5 +271,7 @@ FRAMEWORK = FrameworkSpec(
     presets=PRESETS,
     build=build,
     hooks=frozenset({TOWER, COMPRESS}),
+    serves_streams=True,
     tower_kind="SiglipEncoderLayer",
+    build_across_gpus=build_across_gpus,
 )

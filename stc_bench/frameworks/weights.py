@@ -52,6 +52,18 @@ def build_random(factory: Callable[[], M], device: torch.device, dtype: torch.dt
     return module.eval()
 
 
+def build_empty(factory: Callable[[], M], dtype: torch.dtype) -> M:
+    """``factory()`` with its parameters on the meta device in ``dtype`` (shapes only, no memory)
+    and its buffers computed on the CPU as ever (a rotary embedding's frequencies are not
+    weights: they must keep their values). ``fill_random_`` skips it until its parameters are
+    created on real devices (``stc_bench.placement``)."""
+    from accelerate import init_empty_weights
+
+    with _no_init(), _default_dtype(dtype), init_empty_weights(include_buffers=False):
+        module = factory()
+    return module.eval()
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "RMSNorm" in type(module).__name__
 

@@ -11,6 +11,11 @@ streamed video it asks the arm for a ``MethodStream`` and calls only the hooks i
 - ``compress(tokens)``: a stateful compressor of the visual tokens of each streaming step
   between projector/pooling and the LLM, (t, n, C) -> (t, k, C) (STC-Pruner, VisionZip, VidCom²).
 
+Served concurrently (``--streams S``), a step carries one chunk of each of S videos: the tower
+sees their frames stream-major in one call, inside ``serving(ids)`` (one stream id per frame),
+and ``compress_streams`` takes the step's tokens per stream, (S, t, n, C) -> (S, K, C), each
+stream compressed against its own history.
+
 Token counts are read from the tensors, never from grid constants (ToMe changes the tower's).
 """
 
@@ -165,6 +170,22 @@ class MethodStream:
     def compress(self, tokens: torch.Tensor) -> torch.Tensor:
         """The visual tokens of one streaming step, (t, n, C) -> (t, k, C)."""
         return tokens
+
+    def serving(self, ids: tuple[int, ...]) -> contextlib.AbstractContextManager:
+        """A context around a tower call whose frames belong to several streams, ``ids`` naming
+        each frame's (entered inside ``tower()``). Methods that keep no state across frames need
+        nothing."""
+        return contextlib.nullcontext()
+
+    def compress_streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One step's visual tokens of S concurrent streams, (S, t, n, C) -> (S, K, C).
+
+        The default suits methods that compress each frame on its own: all S * t frames in one
+        call. A method with memory across frames (a running mean, a temporal anchor) overrides it
+        so that each stream reads only its own."""
+        streams = tokens.shape[0]
+        kept = self.compress(tokens.flatten(0, 1))                                    # (S * t, k, C)
+        return kept.reshape(streams, -1, kept.shape[-1])                              # (S, t * k, C)
 
     @property
     def cacher_stats(self) -> CacherStats | None:

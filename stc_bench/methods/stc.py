@@ -43,6 +43,21 @@ class STCStream(MethodStream):
         """STC-Pruner: (t, n, C) -> (t, min(k, n), C), in spatial order."""
         return tokens if self._pruner is None else self._pruner.compress(tokens).tokens
 
+    def serving(self, ids: tuple[int, ...]):
+        """Each frame of the tower call in its own stream's cache (``CacherHandle.streams``)."""
+        assert self._handle is not None, "serving() is entered inside tower()"
+        return self._handle.streams(ids)
+
+    def compress_streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """STC-Pruner on S streams' step, (S, t, n, C) -> (S, t * min(k, n), C): each stream
+        scored against its own temporal anchor."""
+        streams, steps = tokens.shape[:2]
+        if self._pruner is None or streams == 1:
+            return super().compress_streams(tokens)
+        ids = [s for s in range(streams) for _ in range(steps)]
+        kept = self._pruner.compress(tokens.flatten(0, 1), streams=ids).tokens           # (S * t, k, C)
+        return kept.reshape(streams, -1, kept.shape[-1])
+
     @property
     def cacher_stats(self) -> CacherStats | None:
         """The cacher's per-call statistics of this stream."""

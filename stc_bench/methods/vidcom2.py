@@ -154,13 +154,22 @@ class VidCom2Stream(MethodStream):
 
     def __init__(self, arm: Arm, site: HookSite):
         self._budget = arm.knob("tokens_per_frame")
-        self._state: VidCom2StreamState | None = None
+        self._states: dict[int, VidCom2StreamState] = {}
+        """Each concurrent stream's running centre (stream 0 alone in one-stream use)."""
 
     def compress(self, tokens: torch.Tensor) -> torch.Tensor:
         """(t, n, C) -> (1, K, C) with K = t * min(k, n) tokens, frame by frame (budgets may differ
         between the frames of a multi-frame step, so the step's tokens come as one sequence)."""
-        kept, self._state = compress_stream_call(tokens, self._budget, self._state)
-        return kept.tokens.unsqueeze(0)                                              # (1, K, C)
+        return self._compress_stream(0, tokens).unsqueeze(0)                          # (1, K, C)
+
+    def compress_streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(S, t, n, C) -> (S, K, C): each stream against its own running centre (K is exact, so
+        the streams' steps stack)."""
+        return torch.stack([self._compress_stream(s, step) for s, step in enumerate(tokens)])
+
+    def _compress_stream(self, stream: int, tokens: torch.Tensor) -> torch.Tensor:
+        kept, self._states[stream] = compress_stream_call(tokens, self._budget, self._states.get(stream))
+        return kept.tokens                                                           # (K, C)
 
 
 METHOD = MethodSpec(

@@ -24,6 +24,7 @@ def write_report(result: RunResult, folder: Path, plots: bool = True, results: b
         plot_pareto,
         plot_per_frame_vit,
         plot_reduction_vs_knob,
+        plot_throughput_vs_streams,
         swept_knobs,
     )
     from stc_bench.report.tables import reduction_table, samples_table, summary_table
@@ -55,6 +56,8 @@ def write_report(result: RunResult, folder: Path, plots: bool = True, results: b
             plot(plot_fidelity_vs_ratio, "fidelity_vs_ratio.png")
         if len(result.compared) > 1:  # one arm is a single point: the tables say it all
             plot(plot_pareto, "pareto.png")
+        if len(result.stream_counts) > 1:
+            plot(plot_throughput_vs_streams, "throughput_vs_streams.png")
     written += images
     markdown = render_markdown(result, [p.name for p in images])
     written.append(write_atomically(folder / "report.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8")))

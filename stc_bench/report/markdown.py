@@ -12,6 +12,9 @@ from stc_bench.report.tables import (
     host_warnings,
     launch_lines,
     memory_line,
+    serving,
+    serving_headers,
+    serving_rows,
     stage_rows,
 )
 from stc_bench.report.terminal import header_lines
@@ -39,6 +42,16 @@ def caveats(result: RunResult) -> list[str]:
         out.append(f"Scale '{result.run['scale']}' keeps the token counts but not the widths/depths of the real model; "
                    "absolute times are not the paper's.")
     out += result.run.get("notes", [])
+    shards = result.run.get("merged_shards")
+    if shards:
+        where = "; ".join(f"shard {s['shard']} on {s.get('device')} ({s.get('device_name')}"
+                          + (f", {s['gpu_uuid']})" if s.get("gpu_uuid") else ")") for s in shards)
+        out.append(f"Merged from {len(shards)} shards by stc-bench merge ({where}). Each shard measured its own points "
+                   "with its own baseline per frame count, interleaved in one process, and every reduction is against the "
+                   "baseline of the arm's own shard: baselines of different shards are listed apart (\"(shard K)\"), never "
+                   "pooled. Latencies of arms from different shards come from different processes (and maybe GPUs): compare "
+                   "their reductions, not their milliseconds. The environment below is shard "
+                   f"{shards[0]['shard']}'s; results.json keeps every shard's (run.merged_shards).")
     if result.config.cuda_graph:
         unused = sorted({f"{a.arm.label} ({(a.graphs or {}).get('disabled_reason') or 'no graph was replayed'})"
                          for a in result.compared if a.arm.method == "stc" and not (a.graphs or {}).get("replays")})
@@ -77,10 +90,17 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
                  "than that; to tell whether two runs differ, use the intervals or stc-bench compare.")
     for frames in result.frame_counts:
         parts += ["", f"### {frames} frames", "", _table(arm_headers(result), arm_rows(result, frames))]
+        if serving(result.table()):
+            parts += ["", f"#### {frames} frames served concurrently", "",
+                      "Each step feeds one chunk of every stream through one tower call and one batched pre-fill, so "
+                      "a frame waits for its whole step: a stage's *step ms* is its per-frame latency (median and p90 "
+                      "over every step of every timed pass). *frames/s* is streams x frames over the summed stage "
+                      "medians; *vs baseline* is the throughput gain over the baseline serving as many streams.", "",
+                      _table(serving_headers(result), serving_rows(result, frames))]
         for facts in (a for a in result.compared if a.frames == frames):
             label = facts.arm.label
-            parts += ["", f"#### {label}", "", _table(STAGE_HEADERS, stage_rows(result, frames, label)), "",
-                      fidelity_line(result, frames, label) + "."]
+            parts += ["", f"#### {facts.name}", "", _table(STAGE_HEADERS, stage_rows(result, frames, label, facts.streams)), "",
+                      fidelity_line(result, frames, label, facts.streams) + "."]
         for line in (memory_line(result, frames), host_line(result, frames)):
             if line:
                 parts += ["", line + "."]

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stc_bench.results import ArmResult, RunResult  # noqa: E402
+from stc_bench.report.tables import in_cell, throughput  # noqa: E402
+from stc_bench.results import ArmResult, RunResult, arm_name  # noqa: E402
 
 KIND_COLOURS = {"refresh": "tab:orange", "selective": "tab:green", "mixed": "tab:olive", "full": "tab:blue"}
 METHOD_COLOURS = {"stc": "tab:green", "tome": "tab:purple", "visionzip": "tab:red", "vidcom2": "tab:brown"}
@@ -24,11 +25,11 @@ def plot_latency(result: RunResult, path: Path) -> Path:
     for ax, stage in zip(axes[0], stages):
         data, labels, colours = [], [], []
         for facts in result.arms:
-            m = result.measurement(facts.frames, facts.arm, stage)
+            m = result.measurement(facts.frames, facts.arm, stage, facts.shard, facts.streams)
             if m is None:
                 continue
             data.append(m.times_ms)
-            labels.append(f"{facts.frames}f\n{facts.arm.label}")
+            labels.append(f"{facts.frames}f\n{facts.name}")
             colours.append("tab:blue" if facts.arm.is_baseline else METHOD_COLOURS.get(facts.arm.method, "tab:grey"))
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
         for patch, colour in zip(box["boxes"], colours):
@@ -50,15 +51,19 @@ def plot_per_frame_vit(result: RunResult, path: Path) -> Path | None:
     """ViT latency of each chunk (median over repeats) at the largest frame count: the baseline
     as a line, each arm as a line, with STC arms' points coloured by what the cacher did."""
     frames = max(result.frame_counts, default=None)
-    base = result.baseline(frames, "vit") if frames is not None else None
     compared = [a for a in result.compared if a.frames == frames]
+    shard = compared[0].shard if compared else None
+    streams = min((a.streams for a in compared), default=1)
+    # a merged run: the arms beside one shard's own baseline; a serving run: at its fewest streams
+    compared = [a for a in compared if a.shard == shard and a.streams == streams]
+    base = result.baseline(frames, "vit", shard, streams) if frames is not None else None
     if base is None or not compared or not base.chunk_ms:
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(base.chunk_ms[0]))
-    ax.plot(x, np.median(np.asarray(base.chunk_ms), axis=0), color="tab:blue", marker="o", ms=3, label="baseline")
+    ax.plot(x, np.median(np.asarray(base.chunk_ms), axis=0), color="tab:blue", marker="o", ms=3, label=arm_name("baseline", shard))
     for facts in compared[:6]:
-        m = result.measurement(frames, facts.arm, "vit")
+        m = result.measurement(frames, facts.arm, "vit", facts.shard, facts.streams)
         med = np.median(np.asarray(m.chunk_ms), axis=0)
         colour = METHOD_COLOURS.get(facts.arm.method, "tab:grey")
         ax.plot(x[: len(med)], med, color=colour, alpha=0.4, lw=1, label=None if facts.recompute_fraction is not None
@@ -160,12 +165,13 @@ def plot_latency_vs_frames(result: RunResult, path: Path) -> Path:
     stages = result.stages
     frames = sorted(set(result.frame_counts))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 4), squeeze=False)
-    arms = list(dict.fromkeys(a.arm for a in result.arms))
+    # a merged run: one baseline line per shard; a serving run: one line per number of streams
+    arms = list(dict.fromkeys((a.arm, a.shard, a.streams) for a in result.arms))
     for ax, stage in zip(axes[0], stages):
-        for i, arm in enumerate(arms):
-            ms = [result.measurement(f, arm, stage) for f in frames]
+        for i, (arm, shard, streams) in enumerate(arms):
+            ms = [result.measurement(f, arm, stage, shard, streams) for f in frames]
             ax.plot([f for f, m in zip(frames, ms) if m], [m.median for m in ms if m], marker="o",
-                    color="black" if arm.is_baseline else f"C{i}", label=arm.label)
+                    color="black" if arm.is_baseline else f"C{i}", label=arm_name(arm.label, shard, streams))
         ax.set_xlabel("frames")
         ax.set_ylabel("median ms per stream")
         ax.set_title(stage)
@@ -207,8 +213,8 @@ def plot_pareto(result: RunResult, path: Path) -> Path | None:
     use_kl = "logits_kl_mean" in table and table.logits_kl_mean.notna().any()
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for facts in compared:
-        rows = table[(table.frames == facts.frames) & (table.arm == facts.arm.label)]
-        base = table[(table.frames == facts.frames) & (table.method == "baseline")]
+        rows = table[(table.frames == facts.frames) & (table.arm == facts.arm.label) & (table.streams == facts.streams)]
+        base = table[(table.frames == facts.frames) & (table.method == "baseline") & in_cell(table, facts.shard, facts.streams)]
         total = 1.0 - rows.median_ms.sum() / base.median_ms.sum()
         first = rows.iloc[0]
         x = first.logits_kl_mean if use_kl else 1.0 - first.vit_cosine_mean
@@ -216,7 +222,7 @@ def plot_pareto(result: RunResult, path: Path) -> Path | None:
             continue
         colour = METHOD_COLOURS.get(facts.arm.method, "tab:grey")
         ax.scatter([x], [100 * total], color=colour, s=36, zorder=3)
-        label = facts.arm.label if len(result.frame_counts) == 1 else f"{facts.arm.label}, {facts.frames}f"
+        label = facts.name if len(result.frame_counts) == 1 else f"{facts.name}, {facts.frames}f"
         ax.annotate(label, (x, 100 * total), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(0, color="black", lw=0.8)
     weights = "random weights" if result.run.get("weights") == "random" else "checkpoint weights"
@@ -226,4 +232,30 @@ def plot_pareto(result: RunResult, path: Path) -> Path | None:
     ax.set_title(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
                  "speed vs fidelity per arm", fontsize=10)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_throughput_vs_streams(result: RunResult, path: Path) -> Path | None:
+    """Frames per second over all timed stages against the number of concurrent streams, one line
+    per arm, at the largest frame count (the serving view of ``--streams``); None with one S."""
+    table = result.table()
+    frames = max(result.frame_counts, default=None)
+    if frames is None or table.streams.nunique() < 2:
+        return None
+    rows = table[table.frames == frames]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for i, ((label, shard), group) in enumerate(rows.groupby(["arm", "shard"], sort=False, dropna=False)):
+        points = [(int(s), throughput(g)) for s, g in group.groupby("streams")]
+        points = [(s, fps) for s, fps in points if fps is not None]
+        method = group.iloc[0].method
+        ax.plot([s for s, _ in points], [fps for _, fps in points], marker="o", label=arm_name(label, shard),
+                color="black" if method == "baseline" else METHOD_COLOURS.get(method, f"C{i}"))
+    ax.set_xlabel("concurrent streams (one chunk of each per step)")
+    ax.set_ylabel("frames / s over all timed stages")
+    ax.set_xticks(sorted(int(s) for s in rows.streams.unique()))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{result.config.framework} ({result.run['scale']}, {result.environment.get('device')}): "
+                 f"throughput vs streams, {frames} frames", fontsize=10)
+    _legend_below(fig, ax)
     return _save(fig, path)

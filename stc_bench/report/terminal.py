@@ -15,22 +15,33 @@ from stc_bench.report.tables import (
     host_warnings,
     launch_lines,
     memory_line,
+    serving,
+    serving_headers,
+    serving_rows,
     stage_rows,
 )
 from stc_bench.results import RunResult
 
 
 def header_lines(result: RunResult) -> list[str]:
-    """What was run, in a few lines: framework, scale and why, device, weights, clip."""
+    """What was run, in a few lines: framework, scale and why, device, weights, clip; and which
+    shard (``--shard K/N``) it is, or which shards it was merged from."""
     c, run, env = result.config, result.run, result.environment
     weights = "random weights" if run["weights"] == "random" else f"checkpoint {c.checkpoint}"
     chunk = run.get("chunk_frames") or "default"  # None when the build failed before the protocol was known
+    shards = run.get("merged_shards") or []
+    merged = ([f"merged from {len(shards)} shards ({', '.join(s['shard'] for s in shards)}): each reduction is against "
+               "its own shard's baseline"] if shards else [])
+    shard = [f"shard {c.shard} of a sharded run: merge every shard's folder with stc-bench merge"] if c.shard else []
+    streams = ([f"streams served concurrently: {', '.join(map(str, c.streams))} (each step feeds one chunk of every stream "
+                "through one tower call and one batched pre-fill; stream s starts s frames into the clip)"]
+               if max(c.streams) > 1 else [])
     return [
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",
         f"device {env.get('device')} ({env.get('device_name')}) | {run['dtype']} | {weights} | video: {run['video']}",
         f"{c.repeats} repeats after {c.warmup} warm-up, arms interleaved | {chunk} frame(s) per step | "
         f"arms: {', '.join(c.arms)} | cacher {c.metric}/{c.selection}{' + CUDA graphs' if c.cuda_graph else ''}{' + torch.compile' if c.compile else ''}",
-    ]
+    ] + merged + shard + streams
 
 
 def render_tables(result: RunResult, console: Console) -> None:
@@ -49,14 +60,21 @@ def render_tables(result: RunResult, console: Console) -> None:
         console.print(table)
         compared = [a for a in result.compared if a.frames == frames]
         if len(compared) == 1:
-            label = compared[0].arm.label
-            detail = Table(title=f"{frames} frames, {label} per stage", title_justify="left")
+            label, streams = compared[0].arm.label, compared[0].streams
+            detail = Table(title=f"{frames} frames, {compared[0].name} per stage", title_justify="left")
             for i, col in enumerate(STAGE_HEADERS):
                 detail.add_column(col, justify="left" if i == 0 else "right")
-            for row in stage_rows(result, frames, label):
+            for row in stage_rows(result, frames, label, streams):
                 detail.add_row(*row)
             console.print(detail)
-            console.print(fidelity_line(result, frames, label), highlight=False, markup=False, emoji=False)
+            console.print(fidelity_line(result, frames, label, streams), highlight=False, markup=False, emoji=False)
+        if serving(result.table()):
+            table = Table(title=f"{frames} frames served concurrently: per-frame latency and throughput", title_justify="left")
+            for i, col in enumerate(serving_headers(result)):
+                table.add_column(col, justify="left" if i == 0 else "right")
+            for row in serving_rows(result, frames):
+                table.add_row(*(escape(cell) for cell in row))
+            console.print(table)
         for line in (memory_line(result, frames), host_line(result, frames)):
             if line:
                 console.print(line, highlight=False, markup=False, emoji=False)

@@ -26,9 +26,9 @@ def test_token_counts_729_196_64_at_every_scale(scale):
     with torch.inference_mode():
         features = pipeline.encode(clip)
         assert features.shape == (2, 729, SHAPES[scale].tower.width)
-        assert pipeline.compress(features, MethodStream()).shape == (2, 196, SHAPES[scale].llm.width)
+        assert pipeline.compress(features, MethodStream()).shape == (1, 2 * 196, SHAPES[scale].llm.width)  # one step's sequence
         pruning = method_stream(STC_ARM, pipeline.site)
-        assert pipeline.compress(features, pruning).shape == (2, 64, SHAPES[scale].llm.width)
+        assert pipeline.compress(features, pruning).shape == (1, 2 * 64, SHAPES[scale].llm.width)
         with stc.cacher_attached(pipeline.vision_tower, stc.CacherConfig(update_ratio=0.25)) as handle:
             pipeline.encode(clip)
         assert handle.stats.recomputed_tokens == (729 + 182,) * SHAPES[scale].tower.layers

@@ -18,6 +18,7 @@ the real registry).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ from stc_bench.frameworks.parts import (
     chunk_kinds,
     chunk_starts,
     embedding_macs,
+    stream_ids,
     tower_site,
     vit_shape,
 )
@@ -106,33 +108,39 @@ class ToyPipeline:
 
     def stream(self, clip: torch.Tensor, arm: Arm, timer: StageTimer, chunk_frames: int,
                capture: bool = False) -> StreamOutput:
-        """One video, chunk by chunk through the three timed stages; with ``capture``, also the
-        final ViT features and the logits of a fixed query read (untimed) from the cache."""
-        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """One video (T, 3, H, W), or S videos in lockstep (S, T, 3, H, W), chunk by chunk through the
+        three timed stages; with ``capture``, also the first video's final ViT features and the
+        logits of a fixed query read (untimed) from its cache."""
+        clips = clip if clip.dim() == 5 else clip[None]                                              # (S, T, 3, H, W)
+        streams, frames = clips.shape[:2]
+        caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(streams)]
         method: MethodStream = method_stream(arm, self.site)
         features, vit_tokens, steps = [], 0, []
-        bounds = chunk_starts(clip.shape[0], chunk_frames)
+        bounds = chunk_starts(frames, chunk_frames)
         with method.tower():
             for chunk, (start, end) in enumerate(bounds):
-                with timer.span("vit", chunk):
-                    encoded = self.vision_tower(pixel_values=clip[start:end], output_hidden_states=True)
-                    feats = encoded.hidden_states[-1]                                                # (t, n, d), before post-norm
+                serving = method.serving(stream_ids(streams, end - start)) if streams > 1 else contextlib.nullcontext()
+                with timer.span("vit", chunk), serving:
+                    encoded = self.vision_tower(pixel_values=clips[:, start:end].flatten(0, 1), output_hidden_states=True)
+                    feats = encoded.hidden_states[-1]                                                # (S*t, n, d), before post-norm
                 with timer.span("compress", chunk):
-                    visual = method.compress(self.projector(feats))                                  # (t, k, C)
+                    visual = method.compress_streams(self.projector(feats).unflatten(0, (streams, -1)))  # (S, K, C)
                 with timer.span("prefill", chunk):
-                    self.decoder.prefill(visual.reshape(-1, visual.shape[-1]), cache)                # (t*k, C)
+                    for s in range(streams):                                                         # a toy: one cache each
+                        self.decoder.prefill(visual[s], caches[s])                                   # (K, C)
                 vit_tokens += feats.shape[0] * feats.shape[1]
-                steps.append(visual.shape[0] * visual.shape[1])
+                steps.append(visual.shape[1])
                 if capture:
-                    features.append(feats)
+                    features.append(feats[: end - start])
         return StreamOutput(
-            tokens={"vit": vit_tokens, "compress": sum(steps), "prefill": sum(steps)},
+            tokens={"vit": vit_tokens, "compress": streams * sum(steps), "prefill": streams * sum(steps)},
             llm_steps=steps,
             chunk_kinds=chunk_kinds(method.cacher_stats, len(bounds)),
             cacher_stats=method.cacher_stats,
             graph_stats=method.graph_stats,
             features=torch.cat(features) if capture else None,
-            logits=self.decoder.query_logits(self._query_ids, cache) if capture else None,
+            logits=self.decoder.query_logits(self._query_ids, caches[0]) if capture else None,
+            streams=streams,
         )
 
     def macs(self, frames: int, arm: Arm, chunk_frames: int, out: StreamOutput) -> dict[str, int | None]:
@@ -140,9 +148,10 @@ class ToyPipeline:
         compress: the projector on the tokens the tower left (the arm's hook left out, as in the
         real frameworks). prefill: a key and a value projection of every token sent."""
         return {
-            "vit": embedding_macs(TOWER_SHAPE, frames) + get_method(arm.method).tower_macs(arm, vit_shape(TOWER_SHAPE), frames),
+            "vit": out.streams * (embedding_macs(TOWER_SHAPE, frames)
+                                  + get_method(arm.method).tower_macs(arm, vit_shape(TOWER_SHAPE), frames)),
             "compress": out.tokens["vit"] * TOWER_SHAPE.width * LLM_WIDTH,
-            "prefill": 2 * sum(out.llm_steps) * LLM_WIDTH * LLM_WIDTH,
+            "prefill": out.streams * 2 * sum(out.llm_steps) * LLM_WIDTH * LLM_WIDTH,
         }
 
     def modules(self) -> list[nn.Module]:
@@ -165,5 +174,6 @@ FRAMEWORK = FrameworkSpec(
     presets=PRESETS,
     build=build,
     hooks=frozenset({TOWER, COMPRESS}),
+    serves_streams=True,
     tower_kind="SiglipEncoderLayer",
 )
