@@ -23,7 +23,7 @@ import argparse
 import math
 from pathlib import Path
 
-from stc_bench.results import load_results
+from stc_bench.results import arm_name, is_missing, load_results
 
 
 def step_counts(result) -> list[dict]:
@@ -31,11 +31,13 @@ def step_counts(result) -> list[dict]:
     table = result.table()
     rows = []
     for r in table.itertuples():
-        m = result.measurement(r.frames, next(a.arm for a in result.arms if a.arm.label == r.arm), r.stage, None, r.streams)
+        shard = None if is_missing(r.shard) else int(r.shard)  # a merged run: each row's own shard
+        arm = next(a.arm for a in result.arms if a.arm.label == r.arm)
+        m = result.measurement(r.frames, arm, r.stage, shard, r.streams)
         steps = len(m.chunk_ms[0]) if m is not None and m.chunk_ms else None
-        if not steps or r.macs is None or r.operators_per_frame is None or math.isnan(r.operators_per_frame):
+        if not steps or is_missing(r.macs) or is_missing(r.operators_per_frame):
             continue
-        rows.append({"arm": r.arm, "stage": r.stage, "streams": int(r.streams), "frames": int(r.frames),
+        rows.append({"arm": arm_name(r.arm, shard), "stage": r.stage, "streams": int(r.streams), "frames": int(r.frames),
                      "macs_per_step": r.macs / steps,
                      "operators_per_step": r.operators_per_frame * r.streams * r.frames / steps})
     return rows

@@ -22,7 +22,7 @@ import numpy as np
 
 from stc_bench.errors import BenchUsageError
 from stc_bench.measurement import BOOTSTRAP_RESAMPLES, Measurement, Reduction
-from stc_bench.results import RunResult
+from stc_bench.results import ArmResult, RunResult, arm_name
 
 MIN_SAMPLES = 5
 """Fewer samples than this on either side make a latency verdict inconclusive."""
@@ -240,10 +240,10 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             raise BenchUsageError(f"--max-reduction-drop {gate.stage}:...: NEW has no stage {gate.stage!r} "
                                   f"(stages: {', '.join(new.stages)})")
     checks: list[Check] = []
-    base_arms = {(a.frames, a.arm): a for a in base.arms}
+    base_arms = {_point(a): a for a in base.arms}
     for facts in new.arms:
-        where = f"{facts.frames}f {facts.arm.label}"
-        old = base_arms.get((facts.frames, facts.arm))
+        where = f"{facts.frames}f {arm_name(facts.arm.label, None, facts.streams)}"
+        old = base_arms.get(_point(facts))
         if old is not None:
             for stage, count in facts.tokens.items():
                 before = old.tokens.get(stage)
@@ -252,7 +252,8 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
                                         "token counts must match exactly"))
             for stage in new.stages:
                 # in a merged run, each arm's own shard (stc-bench merge keeps one baseline per shard)
-                b, n = base.measurement(facts.frames, facts.arm, stage, old.shard), new.measurement(facts.frames, facts.arm, stage, facts.shard)
+                b = base.measurement(facts.frames, facts.arm, stage, old.shard, old.streams)
+                n = new.measurement(facts.frames, facts.arm, stage, facts.shard, facts.streams)
                 if b is None or n is None:
                     continue
                 for gate in slowdowns:
@@ -278,20 +279,25 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             else:
                 verdict, reason = Verdict.INCONCLUSIVE, "the interval straddles the required reduction"
             checks.append(Check(f"{where} {gate.stage} reduction", detail, verdict, reason))
-    if not any((a.frames, a.arm) in base_arms for a in new.compared) and (slowdowns or drops):
+    if not any(_point(a) in base_arms for a in new.compared) and (slowdowns or drops):
         checks.append(Check("arms", "no (frames, arm) of NEW but the baseline is in BASE", Verdict.INCONCLUSIVE,
                             "nothing to compare: run both with the same --frames, --arms and knobs"))
     return checks + _missing_points(base, new, require_all)
 
 
+def _point(facts: ArmResult) -> tuple:
+    """What makes two runs' arms the same point: frame count, arm and streams served at once."""
+    return facts.frames, facts.arm, facts.streams
+
+
 def _missing_points(base: RunResult, new: RunResult, require_all: bool) -> list[Check]:
     """One check naming the (frames, arm) pairs BASE measured and NEW did not: NEW cannot pass a
     gate on points it lacks, so the verdict is at least inconclusive (a regression with ``require_all``)."""
-    have = {(a.frames, a.arm) for a in new.arms}
-    missing = [a for a in base.arms if (a.frames, a.arm) not in have]
+    have = {_point(a) for a in new.arms}
+    missing = [a for a in base.arms if _point(a) not in have]
     if not missing:
         return []
-    names = ", ".join(f"{a.frames}f {a.arm.label}" for a in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    names = ", ".join(f"{a.frames}f {arm_name(a.arm.label, None, a.streams)}" for a in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
     reason = "NEW did not measure them: run it with BASE's --frames, --arms and knobs"
     if not require_all:
         reason += " (--require-all makes this a regression)"

@@ -125,11 +125,12 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_clip_memory(frames: int, size: int, device: Device, dtype: torch.dtype) -> None:
+def check_clip_memory(frames: int, size: int, device: Device, dtype: torch.dtype, copies: int = 1) -> None:
     """Refuse, before allocating it, a clip of ``frames`` frames of size x size that cannot fit:
     on the host (float32, ``HOST_CLIP_COPIES`` copies while it is made) and on a CUDA device (the
-    frames in the compute dtype, besides the model already built and its activations, which come
-    on top). ``BenchUsageError`` gives the figure, the limit and the most --frames that fit."""
+    frames in the compute dtype, ``copies`` times: the clip and its arrangements for --streams,
+    besides the model already built and its activations, which come on top). ``BenchUsageError``
+    gives the figure, the limit and the most --frames that fit."""
     per_frame = 3 * size * size
     host = per_frame * 4 * HOST_CLIP_COPIES
     available = available_host_memory()
@@ -139,11 +140,12 @@ def check_clip_memory(frames: int, size: int, device: Device, dtype: torch.dtype
                               f"pass --frames {available // host} or fewer")
     if device.is_cuda:
         free, _ = torch.cuda.mem_get_info(device.torch_device)
-        on_device = per_frame * dtype.itemsize
+        on_device = per_frame * dtype.itemsize * copies
         if frames * on_device > free:
+            held = f" x {copies} (the clip and one arrangement per --streams S above 1)" if copies > 1 else ""
             raise BenchUsageError(f"--frames {frames}: the clip alone needs {_gib(frames * on_device)} on {device.label} ({frames} "
-                                  f"frames x 3 x {size} x {size} {str(dtype).removeprefix('torch.')}), {_gib(free)} is free "
-                                  f"there after the build; pass --frames {free // on_device} or fewer")
+                                  f"frames x 3 x {size} x {size} {str(dtype).removeprefix('torch.')}{held}), {_gib(free)} is "
+                                  f"free there after the build; pass --frames {free // on_device} or fewer")
 
 
 def check_token_budgets(config: BenchConfig, arms: list[Arm], site: HookSite) -> None:
@@ -261,12 +263,16 @@ def cells_of(arms: list[Arm], streams: tuple[int, ...]) -> list[Cell]:
     return [Cell(arm, count) for count in streams for arm in arms]
 
 
-def serving_clip(clip: torch.Tensor, frames: int, streams: int) -> torch.Tensor:
-    """The clip of one pass: (frames, 3, H, W) for one stream; for S streams (S, frames, 3, H, W),
-    stream s starting s frames into ``clip``, so each serves different frames at each step."""
+def serving_clip(clip: torch.Tensor, streams: int) -> torch.Tensor:
+    """The clip (T, 3, H, W) of one pass as it is for one stream; for S streams (S, T, 3, H, W),
+    stream s playing it from frame ``s * T // S`` on and wrapping around to its start (a cut, as
+    live streams have), so the streams show different frames at every step, while stream 0 plays
+    exactly what a one-stream run plays. Made once per frame count, outside every timed span."""
     if streams == 1:
-        return clip[:frames]
-    return torch.stack([clip[s : s + frames] for s in range(streams)])
+        return clip
+    frames = clip.shape[0]
+    order = [(s * frames // streams + i) % frames for s in range(streams) for i in range(frames)]
+    return clip[torch.tensor(order, device=clip.device)].unflatten(0, (streams, frames))       # (S, T, 3, H, W)
 
 
 def _empty_samples(cells: list[Cell], stages: tuple[str, ...]) -> dict[str, Any]:
@@ -319,16 +325,15 @@ def measure_frame_count(
     tick: Callable[[], None],
     folder: RunFolder | None = None,
     progress: Progress | None = None,
-    frames: int | None = None,
 ) -> tuple[list[Measurement], list[ArmResult]]:
     """All arms at one frame count, at each ``config.streams``: interleaved timed rounds (every
     arm at every number of streams once per round), then fidelity and exact counts. ``clip``
-    holds ``frames`` frames plus one per extra stream (default: all its frames, one stream).
-    ``progress``: rounds of this frame count measured before (read and checked from partial.json)."""
-    frames = clip.shape[0] if frames is None else frames
+    (T, 3, H, W) is every stream's video (``serving_clip``). ``progress``: rounds of this frame
+    count measured before (read and checked from partial.json)."""
+    frames = clip.shape[0]
     chunk_frames = run["chunk_frames"]
     cells = cells_of(arms, config.streams)
-    clips = {count: serving_clip(clip, frames, count) for count in config.streams}
+    clips = {count: serving_clip(clip, count) for count in config.streams}
     if progress is not None and progress.frames == frames:
         first = next(iter(progress.samples.values()))
         if set(first["totals"]) != set(pipeline.stages):
@@ -475,9 +480,7 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     arms = arms_of(config, framework.site())
     plan = plan_points(config.frames, arms, config.shard)  # frame count -> its arms, baseline first (a shard: its points)
     check_streams(config, framework)
-    # one more frame per extra stream: stream s serves the clip from frame s on
-    clip_frames = max(config.frames) + max(config.streams) - 1
-    video = resolve_video(config.video, clip_frames, config.fps)  # before the build: a bad --video fails at once
+    video = resolve_video(config.video, max(config.frames), config.fps)  # before the build: a bad --video fails at once
     finished = set(resume.frame_counts) if resume is not None else set()
     skipped = set() if resume is None or retry_failed else set(resume.failed_frames)
     saved = (folder.read_progress(tuple(plan), finished, {f: [c.key for c in cells_of(at, config.streams)] for f, at in plan.items()},
@@ -498,7 +501,9 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     device = device.with_peers(devices_of(pipeline.modules()))  # a placed LLM's GPUs: timed spans cover them too
     check_token_budgets(config, arms, pipeline.site)
     todo = [f for f in plan if f not in finished and f not in skipped]
-    check_clip_memory(clip_frames, pipeline.image_size, device, dtype)
+    # on the device: the clip, and each S > 1 streams' arrangement of it (``serving_clip``)
+    check_clip_memory(max(config.frames), pipeline.image_size, device, dtype,
+                      copies=1 + sum(count for count in config.streams if count > 1))
     if resume is not None:
         result = resume
         result.run.setdefault("resumed_utc", []).append(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -513,10 +518,10 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     if folder is not None:
         folder.save_result(result)
     try:
-        clip_all = load_clip(clip_frames, pipeline.image_size, video, config.fps, config.seed,  # the same clip as ever
+        clip_all = load_clip(max(config.frames), pipeline.image_size, video, config.fps, config.seed,  # the same clip as ever
                              mean=pipeline.mean, std=pipeline.std)
     except MemoryError as err:
-        result.errors.append(_out_of_memory(err, f"while making the clip of {clip_frames} frames",
+        result.errors.append(_out_of_memory(err, f"while making the clip of --frames {max(config.frames)}",
                                             f"{pipeline.image_size} px", "pass fewer --frames"))
         if folder is not None:
             folder.save_result(result)
@@ -538,10 +543,10 @@ def _run(config: BenchConfig, device: Device, report: ProgressCallback, folder: 
     for frames in todo:
         before = done
         try:
-            clip = clip_all[: frames + max(config.streams) - 1].to(device.torch_device, dtype)
+            clip = clip_all[:frames].to(device.torch_device, dtype)
             with torch.inference_mode():
                 measurements, facts = measure_frame_count(pipeline, config, result.run, device, clip, plan[frames], tick,
-                                                          folder, saved, frames)
+                                                          folder, saved)
         except (torch.cuda.OutOfMemoryError, MemoryError) as err:
             settings = f"scale {pipeline.scale}, dtype {dtype_name}, --chunk-frames {result.run['chunk_frames']}"
             message = _out_of_memory(err, f"at --frames {frames}", settings, "try fewer frames, a smaller --scale or another GPU")

@@ -2,8 +2,9 @@
 
 from stc.cacher.block import LayerOps, LayerReference, full_forward, selective_forward
 from stc.cacher.graph import GraphStats, SelectiveGraphs
-from stc.cacher.state import DEFAULT_STREAM, CacherState, CacherStats, CallRecord, StreamId
+from stc.cacher.state import CacherState, CacherStats, CallRecord
 from stc.cacher.stream import cached_layer_forward
+from stc.streams import DEFAULT_STREAM, StreamId
 
 __all__ = [
     "DEFAULT_STREAM", "CacherState", "CacherStats", "CallRecord", "StreamId", "GraphStats", "LayerOps", "LayerReference", "SelectiveGraphs",

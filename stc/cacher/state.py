@@ -9,9 +9,7 @@ refresh, which are selective, and which reference each selective frame reads.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
@@ -19,6 +17,7 @@ from stc.cacher.block import LayerReference
 from stc.config import CacherConfig
 from stc.core import dynamic_token_count
 from stc.errors import StreamStateError
+from stc.streams import DEFAULT_STREAM, StreamId
 
 PATTERN_CACHE_SIZE = 1024
 """Call patterns whose index tensors are kept per process (a stream repeats a handful)."""
@@ -49,8 +48,8 @@ class CallRecord:
     """Tokens per frame in the tower (CLS included)."""
     recomputed_tokens: tuple[int, ...]
     """Per layer: tokens recomputed over all frames of the call (a full frame counts all)."""
-    stream: int | str = 0
-    """The stream these frames belong to (0, the default stream, in one-stream use)."""
+    stream: StreamId = DEFAULT_STREAM
+    """The stream these frames belong to (the default stream in one-stream use)."""
 
 
 @dataclass(frozen=True)
@@ -79,19 +78,13 @@ class CacherStats:
     @property
     def recompute_fraction(self) -> float:
         """Recomputed tokens over all layers and frames, as a fraction of a full forward."""
-        full = sum(len(c.refresh_frames) + len(c.selective_frames) for c in self.calls)
+        # streams of other resolutions have other token counts: weigh each call by its own
+        full = sum((len(c.refresh_frames) + len(c.selective_frames)) * c.tokens_per_frame for c in self.calls)
         if not self.calls or full == 0:
             return 1.0
         layers = len(self.calls[0].recomputed_tokens)
         total = sum(self.recomputed_tokens)
-        return total / (full * layers * self.calls[0].tokens_per_frame)
-
-
-StreamId = Union[int, str]
-"""What names a stream: an int or a string (a camera name)."""
-
-DEFAULT_STREAM: StreamId = 0
-"""The stream every frame belongs to when the caller names none (one-stream use)."""
+        return total / (full * layers)
 
 
 @dataclass
@@ -183,25 +176,10 @@ class StreamCheckpoint:
     slot_writes: int = 0
 
 
-def check_stream_ids(ids: Sequence[StreamId]) -> tuple[StreamId, ...]:
-    """``ids`` as a tuple, one int or string per frame; ``TypeError``/``ValueError`` naming the
-    problem otherwise."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise TypeError(f"stream ids must be a sequence with one id per frame of the call (e.g. [0, 1, 2, 3]), "
-                        f"got {type(ids).__name__}")
-    ids = tuple(ids)
-    if not ids:
-        raise ValueError("stream ids must name at least one stream: one id per frame of the call, e.g. [0, 1]")
-    for sid in ids:
-        if isinstance(sid, bool) or not isinstance(sid, (int, str)):
-            raise TypeError(f"stream id {sid!r} ({type(sid).__name__}) must be an int or a string: it names the stream")
-    return ids
-
-
 class CacherState:
     """Mutable state of the streams fed through one patched tower.
 
-    A call carries frames of one stream (the default) or, under ``stream_ids``, of several
+    A call carries frames of one stream (the default) or, under ``frame_streams``, of several
     independent streams: each has its own frame counter, refresh schedule and per-layer
     references, and all of a call's refresh frames (of every stream) still run as one batch,
     as do all its selective frames, each reading its own stream's reference.
@@ -224,9 +202,9 @@ class CacherState:
         self.passthrough = False
         """True while the tower serves a call outside the stream (an image through a whole model):
         the patched forwards then run the original ones and leave the stream untouched."""
-        self.stream_ids: tuple[StreamId, ...] | None = None
-        """The stream of each frame of the calls made now (``CacherHandle.streams``); None: the
-        default stream."""
+        self.frame_streams: tuple[StreamId, ...] | None = None
+        """The stream of each frame of the calls made now (``CacherHandle.streams``, or a whole
+        model's video entry); None: every frame is the default stream's."""
         self.reset()
 
     def reset(self, stream_id: StreamId | None = None) -> None:
@@ -235,6 +213,8 @@ class CacherState:
         if stream_id is None:
             self.streams: dict[StreamId, StreamState] = {}
         else:
+            if self.plan is not None:  # a call raised part-way: undo it in every stream before one leaves
+                self.restore(self._call_start)
             self.streams.pop(stream_id, None)
         self.plan: CallPlan | None = None
         self._call_start: StreamCheckpoint | None = None
@@ -274,14 +254,14 @@ class CacherState:
         self._call_start = None
 
     def _call_ids(self, frames: int) -> tuple[StreamId, ...]:
-        if self.stream_ids is None:
+        if self.frame_streams is None:
             return (DEFAULT_STREAM,) * frames
-        if len(self.stream_ids) != frames:
+        if len(self.frame_streams) != frames:
             raise StreamStateError(
-                f"this call carries {frames} frames but handle.streams() named {len(self.stream_ids)} stream ids: "
-                "give one id per frame of each call made inside it"
+                f"this call carries {frames} frames but handle.streams() named {len(self.frame_streams)} stream ids: "
+                "give one id per frame of each tower call made inside it"
             )
-        return self.stream_ids
+        return self.frame_streams
 
     def _check_tokens(self, stream_id: StreamId, tokens: int, several: bool) -> None:
         state = self.streams.get(stream_id)
@@ -310,7 +290,7 @@ class CacherState:
         start = self.checkpoint()
         ids = self._call_ids(frames)
         for sid in dict.fromkeys(ids):
-            self._check_tokens(sid, tokens, self.stream_ids is not None)
+            self._check_tokens(sid, tokens, self.frame_streams is not None)
         interval = self.config.cache_interval
         patch_tokens = tokens - prefix_tokens
         keeps_references = interval > 1 and dynamic_token_count(patch_tokens, self.config.update_ratio) < patch_tokens
@@ -318,7 +298,6 @@ class CacherState:
         stored: dict[StreamId, int] = {}      # stream -> its stored reference's place in the pool
         latest: dict[StreamId, int] = {}      # stream -> its latest refresh frame so far in this call
         calls: dict[StreamId, _StreamCall] = {}
-        selective_of: list[StreamId] = []
         for position, sid in enumerate(ids):
             state = self.stream(sid)
             call = calls.setdefault(sid, _StreamCall(state.frame_index))
@@ -332,7 +311,6 @@ class CacherState:
                 call.refresh_frames.append(i)
             else:
                 selective.append(position)
-                selective_of.append(sid)
                 call.selective_frames.append(i)
                 if sid in latest:
                     source.append(-1 - latest[sid])  # a refresh frame of this call: placed after the stored ones below

@@ -10,8 +10,9 @@ from typing import Any
 from torch import nn
 
 from stc.cacher.graph import GraphStats, SelectiveGraphs
-from stc.cacher.state import DEFAULT_STREAM, CacherState, CacherStats, StreamId, check_stream_ids
+from stc.cacher.state import CacherState, CacherStats
 from stc.config import CacherConfig
+from stc.streams import DEFAULT_STREAM, StreamId, check_stream_ids
 
 _ABSENT = object()
 HANDLE_ATTRIBUTE = "_stc_handle"
@@ -117,16 +118,17 @@ class CacherHandle(PatchHandle):
 
     @contextlib.contextmanager
     def streams(self, ids: Sequence[StreamId]) -> Iterator[CacherHandle]:
-        """``with handle.streams([0, 1, 2, 3]): tower(frames)``: each call made inside carries one
-        frame per id, frame i of the call belonging to stream ``ids[i]`` (an int or a string; a
+        """``with handle.streams([0, 1, 2, 3]): tower(frames)``: each tower call made inside carries
+        one frame per id, frame i of the call belonging to stream ``ids[i]`` (an int or a string; a
         stream may have several frames in a call, in stream order). Refresh and selective frames
-        of all streams still run as one batch each. A stream not seen before joins at frame 0."""
+        of all streams still run as one batch each. A stream not seen before joins at frame 0.
+        Around a whole model's ``get_video_features``, the ids name its videos instead, one each."""
         ids = check_stream_ids(ids)
-        previous, self._state.stream_ids = self._state.stream_ids, ids
+        previous, self._state.frame_streams = self._state.frame_streams, ids
         try:
             yield self
         finally:
-            self._state.stream_ids = previous
+            self._state.frame_streams = previous
 
     def reset(self, stream_id: StreamId | None = None) -> None:
         """Start a new stream (a new video): the next frame is a refresh frame; its stats are

@@ -113,31 +113,40 @@ class ModelEntries:
                     "or a first argument of shape (videos, frames, channels, height, width)): attach the cacher to the vision tower "
                     f"(model.{self.tower_path}) and feed it one video at a time"
                 )
-            self.active = VIDEO_ENTRY
+            named = self.state.frame_streams
+            streams = self._frame_streams(frames, named, where)  # may refuse: before anything is changed
+            self.active, self.state.frame_streams = VIDEO_ENTRY, streams
             checkpoint = self.state.checkpoint()
-            named = self.state.stream_ids
-            self.state.stream_ids = self._frame_streams(frames, named, where)
             try:
                 return method(*args, **kwargs)
             except BaseException:  # the frames never reached the caller: every stream forgets them
                 self.state.restore(checkpoint)
                 raise
             finally:
-                self.active, self.state.stream_ids = None, named
+                self.active, self.state.frame_streams = None, named
 
         return get_video_features
 
     @staticmethod
-    def _frame_streams(frames: list[int], named: tuple | None, where: str) -> tuple:
+    def _frame_streams(frames: list[int], named: tuple | None, where: str) -> tuple | None:
         """The stream of each frame the tower will see: video b is stream b, or, inside
-        ``handle.streams(ids)``, stream ``ids[b]`` (one id per video)."""
-        videos = named if named is not None else tuple(range(len(frames)))
-        if len(videos) != len(frames):
+        ``handle.streams(ids)``, stream ``ids[b]`` (one id per video). None for one video and no
+        ids: the default stream, as a tower call outside the model would be."""
+        if named is None:
+            if len(frames) == 1:
+                return None
+            named = tuple(range(len(frames)))
+        elif len(named) != len(frames):
             raise StreamStateError(
-                f"this {where} call holds {len(frames)} videos but handle.streams() named {len(videos)} stream ids: "
+                f"this {where} call holds {len(frames)} videos but handle.streams() named {len(named)} stream ids: "
                 "around a whole model, give one id per video"
             )
-        return tuple(sid for sid, count in zip(videos, frames) for _ in range(count))
+        elif len(set(named)) != len(named):
+            raise StreamStateError(
+                f"handle.streams() named stream ids {list(named)} for the videos of this {where} call: "
+                "around a whole model each video is a stream of its own, so give each a different id"
+            )
+        return tuple(sid for sid, count in zip(named, frames) for _ in range(count))
 
 
 def entry_owners(model: nn.Module, tower: nn.Module) -> tuple[list[nn.Module], str] | None:

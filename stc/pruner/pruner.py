@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stc.cacher.state import check_stream_ids
 from stc.config import PrunerConfig
 from stc.errors import StreamStateError
 from stc.pruner.scoring import dual_anchor_scores, gaussian_scores, keep_indices, low_variance_channels
+from stc.streams import DEFAULT_STREAM, StreamId, check_stream_ids
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,6 @@ class PrunedTokens:
 
     tokens: torch.Tensor
     indices: torch.Tensor
-
-
-DEFAULT_STREAM = 0
-"""The stream frames belong to when the caller names none (one-stream use)."""
 
 
 @dataclass
@@ -48,10 +44,10 @@ class STCPruner:
             raise TypeError(f"config must be a stc.PrunerConfig, got {type(self.config).__name__}")
         self.reset()
 
-    def reset(self, stream_id: int | str | None = None) -> None:
+    def reset(self, stream_id: StreamId | None = None) -> None:
         """Forget one stream's history (the temporal anchor), or, with None, every stream's."""
         if stream_id is None:
-            self._history: dict[int | str, _History] = {}
+            self._history: dict[StreamId, _History] = {}
         else:
             self._history.pop(stream_id, None)
 
@@ -62,7 +58,7 @@ class STCPruner:
         return history.calls if history is not None else 0
 
     def compress(self, features: torch.Tensor, frames_per_call: int | None = None,
-                 streams: Sequence[int | str] | None = None) -> PrunedTokens:
+                 streams: Sequence[StreamId] | None = None) -> PrunedTokens:
         """Keep ``min(tokens_per_frame, n)`` tokens of each frame of features (T, n, C).
 
         ``frames_per_call`` splits the T frames into consecutive calls of that many frames, each
@@ -70,6 +66,8 @@ class STCPruner:
         call); by default all T frames are one call. ``streams`` names the stream of each frame
         (one int or string per frame): each stream's frames of each such call are scored as a
         call of that stream alone, against its own history; the output keeps the input's order.
+        (``frames_per_call`` cuts the interleaved sequence, so with several streams it equals
+        each stream's own calls only when it is None or 1.)
         """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor of shape (frames, tokens, channels), got {type(features).__name__}")
@@ -112,7 +110,7 @@ class STCPruner:
                     kept[i], index[i] = part.tokens[j], part.indices[j]
         return PrunedTokens(torch.stack(kept), torch.stack(index))
 
-    def _compress_call(self, features: torch.Tensor, stream_id: int | str) -> PrunedTokens:
+    def _compress_call(self, features: torch.Tensor, stream_id: StreamId) -> PrunedTokens:
         frames, tokens, channels = features.shape
         config = self.config
         call_mean = features.float().mean(dim=(0, 1))                                  # (C,)

@@ -198,7 +198,6 @@ class LiveCCPipeline:
         cache = self.llm.new_cache()
         features, vit_tokens, steps = [], 0, []
         method = method_stream(arm, self.site)
-        turn = self.llm.embed(self._turn_ids).expand(streams, -1, -1)                      # (S, TURN, C)
         # Like for like: an arm that leaves the tower alone gets the batched attention the cacher runs.
         patch = method.tower() if method.patches_tower else batched_attention(self.vision_tower)
         with patch:
@@ -209,10 +208,11 @@ class LiveCCPipeline:
                 precomputed = precomputed_vision_inputs(grid, v.merge, pixels.device)
                 groups = int(grid[0, 0])
                 serving = method.serving(stream_ids(streams, groups)) if streams > 1 else contextlib.nullcontext()
-                with timer.span("vit", step), serving:
+                with serving, timer.span("vit", step):  # naming the streams is bookkeeping, outside the span
                     visual, hidden = qwen2_vision_forward(self.vision_tower, pixels, grid, **precomputed)
                     # visual: merged tokens (S*groups*m, C); hidden: the last block's output (S*groups*n, d)
                 with timer.span("prefill", step):
+                    turn = self.llm.embed(self._turn_ids).expand(streams, -1, -1)                 # (S, TURN, C)
                     embeds = torch.cat([turn, visual.view(streams, -1, visual.shape[-1])], dim=1)  # (S, L, C)
                     self.llm.forward_embeds(embeds, cache)
                 vit_tokens += hidden.shape[0]

@@ -188,7 +188,8 @@ class CausalLM:
         return DynamicCache()
 
     def forward_embeds(self, embeds: torch.Tensor, cache=None) -> torch.Tensor:
-        """Pre-fill embeddings (1, L, C), appending to ``cache`` when given; hidden states (1, L, C)."""
+        """Pre-fill embeddings (B, L, C) of B sequences (B concurrent streams, each its own row of
+        ``cache``), appending to ``cache`` when given; hidden states (B, L, C)."""
         cache_kwarg = {self._cache_keyword: cache}
         return self.decoder(inputs_embeds=embeds, use_cache=cache is not None, **cache_kwarg).last_hidden_state
 
@@ -218,7 +219,7 @@ def encode_steps(tower: nn.Module, clip: torch.Tensor, method: MethodStream, tim
         for step, (start, end) in enumerate(chunk_starts(frames, chunk_frames)):
             batch = clips[:, start:end].flatten(0, 1)                                # (S * t, 3, H, W)
             serving = method.serving(stream_ids(streams, end - start)) if streams > 1 else contextlib.nullcontext()
-            with timer.span("vit", step), serving:
+            with serving, timer.span("vit", step):  # naming the streams is bookkeeping, outside the span
                 features.append(tower(pixel_values=batch, output_hidden_states=True).hidden_states[-1])
     return features
 

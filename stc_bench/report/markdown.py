@@ -92,9 +92,10 @@ def render_markdown(result: RunResult, plots: list[str]) -> str:
         parts += ["", f"### {frames} frames", "", _table(arm_headers(result), arm_rows(result, frames))]
         if serving(result.table()):
             parts += ["", f"#### {frames} frames served concurrently", "",
-                      "Each step feeds one chunk of every stream through one tower call and one batched pre-fill, so "
-                      "a frame waits for its whole step: a stage's *step ms* is its per-frame latency (median and p90 "
-                      "over every step of every timed pass). *frames/s* is streams x frames over the summed stage "
+                      f"Each step feeds one chunk of every stream ({result.run.get('chunk_frames')} frame(s) of each, "
+                      "the framework's protocol) through one tower call and one batched pre-fill, so a frame waits for "
+                      "its whole step: a stage's *step ms* is the latency it adds to each frame of the step (median and "
+                      "p90 over every step of every timed pass). *frames/s* is streams x frames over the summed stage "
                       "medians; *vs baseline* is the throughput gain over the baseline serving as many streams.", "",
                       _table(serving_headers(result), serving_rows(result, frames))]
         for facts in (a for a in result.compared if a.frames == frames):

@@ -40,9 +40,17 @@ def serving(table: pd.DataFrame) -> bool:
     return "streams" in table and bool((table.streams != 1).any())
 
 
-def _tail_columns(table: pd.DataFrame) -> list[str]:
-    """The columns CSVs end with, where the run has them: shard (merged runs), streams (serving runs)."""
-    return (["shard"] if merged(table) else []) + (["streams"] if serving(table) else [])
+SERVING_COLUMNS = ["streams", "step_ms_median", "step_ms_p90", "frames_per_s"]
+"""Columns summary.csv ends with in a serving run (``--streams``); the other CSVs end with streams."""
+
+
+def _tail_columns(table: pd.DataFrame, serving_figures: bool = False) -> list[str]:
+    """The columns CSVs end with, where the run has them: shard (merged runs), streams (serving
+    runs), and with ``serving_figures`` the serving figures too."""
+    tail = ["shard"] if merged(table) else []
+    if serving(table):
+        tail += SERVING_COLUMNS if serving_figures else ["streams"]
+    return tail
 
 
 def knob_columns(table: pd.DataFrame) -> list[str]:
@@ -56,7 +64,7 @@ def summary_table(result: RunResult) -> pd.DataFrame:
     table = result.table()
     if table.empty:
         return pd.DataFrame(columns=IDENTITY_COLUMNS + ["stage"] + STAT_COLUMNS)
-    return table[IDENTITY_COLUMNS + knob_columns(table) + ["stage"] + STAT_COLUMNS + _tail_columns(table)]
+    return table[IDENTITY_COLUMNS + knob_columns(table) + ["stage"] + STAT_COLUMNS + _tail_columns(table, serving_figures=True)]
 
 
 def reduction_table(result: RunResult) -> pd.DataFrame:
@@ -217,6 +225,8 @@ def fidelity_line(result: RunResult, frames: int, arm_label: str, streams: int =
     table = result.table()
     rows = table[(table.frames == frames) & (table.arm == arm_label) & (table.streams == streams)]
     label = "random weights" if result.run.get("weights") == "random" else "checkpoint weights"
+    if streams > 1:
+        label += f"; of the first of {streams} streams, against the baseline's first"
     if rows.empty:
         return f"fidelity ({label}): —"
     r = next(rows.itertuples())

@@ -34,7 +34,8 @@ def header_lines(result: RunResult) -> list[str]:
                "its own shard's baseline"] if shards else [])
     shard = [f"shard {c.shard} of a sharded run: merge every shard's folder with stc-bench merge"] if c.shard else []
     streams = ([f"streams served concurrently: {', '.join(map(str, c.streams))} (each step feeds one chunk of every stream "
-                "through one tower call and one batched pre-fill; stream s starts s frames into the clip)"]
+                "through one tower call and one batched pre-fill; stream s of S plays the clip from frame s*T/S on, wrapping "
+                "around)"]
                if max(c.streams) > 1 else [])
     return [
         f"{c.framework} | scale {run['scale']} ({run['scale_reason']})",

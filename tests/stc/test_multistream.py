@@ -195,7 +195,7 @@ def test_stream_ids_must_match_the_call_and_be_ints_or_strings():
         with pytest.raises(stc.StreamStateError) as err, handle.streams([0, 1, 2]):
             m.encode(frames)
         assert str(err.value) == ("this call carries 2 frames but handle.streams() named 3 stream ids: "
-                                  "give one id per frame of each call made inside it")
+                                  "give one id per frame of each tower call made inside it")
         assert handle.stream_ids == ()                         # the failed call left nothing
         with pytest.raises(TypeError, match=r"stream id 1.5 \(float\) must be an int or a string"):
             with handle.streams([0, 1.5]):
@@ -219,3 +219,19 @@ def test_a_stream_of_another_resolution_is_refused_by_name():
             m.tower(pixel_values=large[None], interpolate_pos_encoding=True)
     assert str(err.value) == ("frames now have 289 tokens but stream 7 started with 225: "
                               "call handle.reset(7) before feeding a video of another resolution")
+
+
+def test_a_stream_leaving_after_a_failed_layer_call_undoes_that_call_in_the_others():
+    """Layers driven one by one (no tower guard): a call that stopped part-way is rolled back
+    before a stream leaves, so the streams that stay are as they were before it."""
+    m = model("siglip")
+    clips = {sid: m.clip(seed=sid) for sid in range(2)}
+    layers = find_vision_layers(m.tower)[1]
+    with stc.cacher_attached(m.tower, CacherConfig()) as handle, torch.inference_mode():
+        with handle.streams([0, 1]):
+            m.encode([clips[0][0], clips[1][0]])
+            embeddings = getattr(m.tower, "vision_model", m.tower).embeddings  # transformers 4.x nests the tower
+            hidden = embeddings(torch.stack([clips[0][1], clips[1][1]]))
+            layers[0](hidden)                                # layer 0 of a call that never reaches layer 1
+        handle.reset(1)
+        assert handle.frame_index_of(0) == 1 and len(handle.stats_of(0).calls) == 1

@@ -132,6 +132,17 @@ def test_stream_ids_name_the_videos_of_a_whole_model_call():
             video_features(MODEL, two)
         assert str(err.value) == IDS_PER_VIDEO.format(owner=type(MODEL).__name__)
         assert handle.stream_ids == ("cam-a", "cam-b")                               # nothing was fed
+        with pytest.raises(stc.StreamStateError, match="give each a different id"), handle.streams([5, 5]):
+            video_features(MODEL, two)
+        video_features(MODEL, two)                           # a refused call leaves the model as it was:
+        assert handle.stream_ids == ("cam-a", "cam-b", 0, 1)  # two videos are two streams again
+    pixels, sizes = anyres_image(1)
+    with stc.cacher_attached(MODEL, CacherConfig(update_ratio=0.1)) as handle:
+        with pytest.raises(stc.StreamStateError), handle.streams([0, 1, 2]):
+            video_features(MODEL, two)
+        patched = image_features(MODEL, pixels, sizes)        # and images still pass through
+        assert handle.stream_ids == ()
+    assert all(torch.equal(a, b) for a, b in zip(patched, image_features(MODEL, pixels, sizes)))
 
 
 def test_a_video_call_whose_count_of_videos_is_unknown_is_refused():

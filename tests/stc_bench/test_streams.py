@@ -112,7 +112,8 @@ def test_a_streams_sweep_measures_every_arm_at_every_s_against_its_own_baseline(
     assert (folder / "throughput_vs_streams.png").is_file()
     assert list(json.loads(json.dumps(data))["config"]["streams"]) == [1, 2, 3]
     summary = (folder / "summary.csv").read_text().splitlines()
-    assert summary[0].endswith(",streams") and summary[1].endswith(",1")
+    assert summary[0].endswith(",streams,step_ms_median,step_ms_p90,frames_per_s") and ",1," in summary[1]
+    assert (folder / "reductions.csv").read_text().splitlines()[0].endswith(",round_iqr,streams")
     report = (folder / "report.md").read_text()
     assert "#### 3 frames served concurrently" in report and "#### stc r0.25 N2 k64 x3 streams" in report
     assert "frames/s" in result.output and "stc r0.25 N2 k64 x2 streams" in result.output
@@ -170,3 +171,23 @@ def test_an_interrupted_streams_run_resumes_every_cell(cli, toy, no_plots, tmp_p
     assert data["complete"] and [(a["arm"]["method"], a.get("streams", 1)) for a in data["arms"]] == [
         ("baseline", 1), ("stc", 1), ("baseline", 2), ("stc", 2)]
     assert all(len(m["times_ms"]) == 3 for m in data["measurements"])
+
+
+def test_compare_pairs_each_s_with_the_same_s(cli, toy, no_plots, tmp_path):
+    from tests.stc_bench.conftest import TOY_RUN
+    from tests.stc_bench.test_cli import run_folder
+
+    assert cli(*TOY_RUN, "--streams", "1,2", "--device", "cpu", "--out", str(tmp_path / "a")).exit_code == 0
+    folder = run_folder(tmp_path / "a")
+    result = cli("compare", str(folder), str(folder))
+    assert result.exit_code in (0, 3), result.output      # itself: never a regression (3: too few samples to judge)
+    assert "REGRESSION" not in result.output and "tokens" not in result.output
+
+
+def test_each_stream_plays_the_clip_from_its_own_offset_and_the_first_plays_it_as_one_stream_does():
+    from stc_bench.runner import serving_clip
+
+    clip = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2)                   # frame i is filled with i
+    assert serving_clip(clip, 1) is clip
+    four = serving_clip(clip, 4)                                                   # (4, 8, 3, 2, 2)
+    assert four[:, :, 0, 0, 0].tolist() == [[(2 * s + i) % 8 for i in range(8)] for s in range(4)]

@@ -120,7 +120,7 @@ class ToyPipeline:
         with method.tower():
             for chunk, (start, end) in enumerate(bounds):
                 serving = method.serving(stream_ids(streams, end - start)) if streams > 1 else contextlib.nullcontext()
-                with timer.span("vit", chunk), serving:
+                with serving, timer.span("vit", chunk):
                     encoded = self.vision_tower(pixel_values=clips[:, start:end].flatten(0, 1), output_hidden_states=True)
                     feats = encoded.hidden_states[-1]                                                # (S*t, n, d), before post-norm
                 with timer.span("compress", chunk):
