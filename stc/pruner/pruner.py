@@ -100,6 +100,9 @@ class STCPruner:
             if len(parts) == 1:
                 return parts[0]
             return PrunedTokens(torch.cat([p.tokens for p in parts]), torch.cat([p.indices for p in parts]))
+        lockstep = self._lockstep(ids) if frames_per_call is None else None
+        if lockstep is not None:
+            return self._compress_lockstep(features.unflatten(0, (len(lockstep), -1)), lockstep)
         kept: list[torch.Tensor | None] = [None] * frames   # (k, C) per frame
         index: list[torch.Tensor | None] = [None] * frames  # (k,) per frame
         for call in calls:
@@ -109,6 +112,49 @@ class STCPruner:
                 for j, i in enumerate(positions):
                     kept[i], index[i] = part.tokens[j], part.indices[j]
         return PrunedTokens(torch.stack(kept), torch.stack(index))
+
+    def _lockstep(self, ids: tuple[StreamId, ...]) -> tuple[StreamId, ...] | None:
+        """The streams of a call that carries the same number of frames of each of several
+        distinct streams, stream-major, all with as many calls behind them (the serving step):
+        they can be scored as one batch. None for any other call."""
+        streams = tuple(dict.fromkeys(ids))
+        if len(streams) < 2 or len(ids) % len(streams):
+            return None
+        per_stream = len(ids) // len(streams)
+        if ids != tuple(sid for sid in streams for _ in range(per_stream)):
+            return None
+        histories = [self._history.get(sid) for sid in streams]
+        if len({0 if h is None else h.calls for h in histories}) != 1 or (None in histories and any(histories)):
+            return None
+        return streams
+
+    def _compress_lockstep(self, features: torch.Tensor, streams: tuple[StreamId, ...]) -> PrunedTokens:
+        """One call of each of S streams, features (S, t, n, C), scored as one batch, each stream
+        against its own anchor: the same tokens as S calls of ``_compress_call`` with a constant
+        number of launches, whatever S (up to float rounding of the batched reductions)."""
+        count_streams, frames, tokens, channels = features.shape
+        config = self.config
+        call_mean = features.float().mean(dim=(1, 2))                                   # (S, C)
+        histories = [self._history.get(sid) for sid in streams]
+        sums = call_mean if histories[0] is None else torch.stack([h.mean_sum for h in histories]) + call_mean  # (S, C)
+        calls = 1 if histories[0] is None else histories[0].calls + 1
+        for s, sid in enumerate(streams):
+            self._history[sid] = _History(sums[s], calls)
+        count = min(config.tokens_per_frame, tokens)
+        if count == tokens:
+            index = torch.arange(tokens, device=features.device).expand(count_streams * frames, -1)
+            return PrunedTokens(features.flatten(0, 1), index)
+        subset = low_variance_channels(features, config.channel_keep_ratio)              # (S, c)
+        picked = subset[:, None, None, :].expand(-1, frames, tokens, -1)                 # (S, t, n, c)
+        scoring = features.float().gather(-1, picked)                                     # (S, t, n, c)
+        anchor = (sums / calls).gather(1, subset)                                        # (S, c)
+        if config.strategy == "gaussian":
+            index = keep_indices(gaussian_scores(scoring, anchor, config.gaussian_scales), count, lowest=True)
+        else:
+            index = keep_indices(dual_anchor_scores(scoring, anchor, config.alpha), count, lowest=False)
+        index = index.flatten(0, 1)                                                      # (S * t, k)
+        kept = features.flatten(0, 1).gather(1, index.unsqueeze(-1).expand(-1, -1, channels))   # (S * t, k, C)
+        return PrunedTokens(kept, index)
 
     def _compress_call(self, features: torch.Tensor, stream_id: StreamId) -> PrunedTokens:
         frames, tokens, channels = features.shape

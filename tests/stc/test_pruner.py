@@ -185,3 +185,41 @@ def test_streams_sharing_a_pruner_keep_their_own_temporal_anchor():
     assert torch.equal(shared.compress(a[1:2], streams=["a"]).tokens, fresh.tokens)
     with pytest.raises(ValueError, match="streams names 1 stream ids for 2 frames: give one id per frame"):
         shared.compress(a, streams=["a"])
+
+
+@pytest.mark.parametrize("strategy", ["gaussian", "dual_anchor"])
+def test_a_lockstep_step_of_several_streams_is_scored_as_each_streams_own_call(strategy):
+    """The serving step (t frames of each of S streams, stream-major, equal histories) is scored
+    as one batch; the tokens are each stream's own call's. A stream with another history length
+    (it joined later) is scored on its own, with the same result."""
+    g = torch.Generator().manual_seed(5)
+    steps = torch.randn(3, 3, 2, 30, 24, generator=g)                   # (steps, S, t, n, C)
+    config = PrunerConfig(tokens_per_frame=7, strategy=strategy)
+    shared, alone = STCPruner(config), [STCPruner(config) for _ in range(3)]
+    ids = [s for s in range(3) for _ in range(2)]
+    for i, step in enumerate(steps):
+        out = shared.compress(step.flatten(0, 1), streams=ids)
+        for s in range(3):
+            own = alone[s].compress(step[s])
+            assert torch.equal(out.indices[2 * s : 2 * s + 2], own.indices)
+            assert torch.allclose(out.tokens[2 * s : 2 * s + 2], own.tokens)
+        if i == 0:
+            shared.reset(2)
+            alone[2].reset()
+
+
+def test_a_lockstep_step_dispatches_as_many_operators_for_eight_streams_as_for_two():
+    """Serving more streams must not multiply the pruner's launches (on a GPU each is a kernel)."""
+    from stc_bench.launches import OperatorCounter
+
+    def operators(streams: int) -> int:
+        pruner = STCPruner(PrunerConfig(tokens_per_frame=5))
+        features = torch.randn(streams, 40, 16)
+        ids = list(range(streams))
+        pruner.compress(features, streams=ids)                          # the first call has no history to add
+        counter = OperatorCounter()
+        with torch.no_grad(), counter:
+            pruner.compress(features, streams=ids)
+        return sum(counter.by_owner[None].values())
+
+    assert operators(8) == operators(2)
