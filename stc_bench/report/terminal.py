@@ -45,6 +45,17 @@ def header_lines(result: RunResult) -> list[str]:
     ] + merged + shard + streams
 
 
+def text_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
+    """A terminal table: the label column left, figures right; cells are text, never markup
+    (arm labels and paths are the user's)."""
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(headers):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
 def render_tables(result: RunResult, console: Console) -> None:
     """Print, per frame count, one row per arm (the paper's table shape); where one arm is
     compared with the baseline, also its per-stage detail (with the round-to-round spread of each
@@ -53,29 +64,17 @@ def render_tables(result: RunResult, console: Console) -> None:
     for line in header_lines(result):  # holds user text (video and checkpoint paths): printed as it is
         console.print(line, highlight=False, markup=False, emoji=False)
     for frames in result.frame_counts:
-        table = Table(title=f"{frames} frames: reductions = 1 - arm / baseline on medians", title_justify="left")
-        for i, col in enumerate(arm_headers(result)):
-            table.add_column(col, justify="left" if i == 0 else "right")
-        for row in arm_rows(result, frames):
-            table.add_row(*(escape(cell) for cell in row))
-        console.print(table)
+        console.print(text_table(f"{frames} frames: reductions = 1 - arm / baseline on medians", arm_headers(result),
+                                 arm_rows(result, frames)))
         compared = [a for a in result.compared if a.frames == frames]
         if len(compared) == 1:
             label, streams = compared[0].arm.label, compared[0].streams
-            detail = Table(title=f"{frames} frames, {compared[0].name} per stage", title_justify="left")
-            for i, col in enumerate(STAGE_HEADERS):
-                detail.add_column(col, justify="left" if i == 0 else "right")
-            for row in stage_rows(result, frames, label, streams):
-                detail.add_row(*row)
-            console.print(detail)
+            console.print(text_table(f"{frames} frames, {compared[0].name} per stage", STAGE_HEADERS,
+                                     stage_rows(result, frames, label, streams)))
             console.print(fidelity_line(result, frames, label, streams), highlight=False, markup=False, emoji=False)
         if serving(result.table()):
-            table = Table(title=f"{frames} frames served concurrently: per-frame latency and throughput", title_justify="left")
-            for i, col in enumerate(serving_headers(result)):
-                table.add_column(col, justify="left" if i == 0 else "right")
-            for row in serving_rows(result, frames):
-                table.add_row(*(escape(cell) for cell in row))
-            console.print(table)
+            console.print(text_table(f"{frames} frames served concurrently: per-frame latency and throughput",
+                                     serving_headers(result), serving_rows(result, frames)))
         for line in (memory_line(result, frames), host_line(result, frames)):
             if line:
                 console.print(line, highlight=False, markup=False, emoji=False)
