@@ -242,8 +242,8 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
     checks: list[Check] = []
     base_arms = {_point(a): a for a in base.arms}
     for facts in new.arms:
-        where = f"{facts.frames}f {arm_name(facts.arm.label, None, facts.streams)}"
-        old = base_arms.get(_point(facts))
+        where = f"{facts.frames}f {arm_name(facts.arm.label, facts.shard, facts.streams)}"
+        old = _counterpart(base_arms, facts)
         if old is not None:
             for stage, count in facts.tokens.items():
                 before = old.tokens.get(stage)
@@ -279,25 +279,37 @@ def compare_runs(base: RunResult, new: RunResult, slowdowns: list[SlowdownGate],
             else:
                 verdict, reason = Verdict.INCONCLUSIVE, "the interval straddles the required reduction"
             checks.append(Check(f"{where} {gate.stage} reduction", detail, verdict, reason))
-    if not any(_point(a) in base_arms for a in new.compared) and (slowdowns or drops):
+    if not any(_counterpart(base_arms, a) for a in new.compared) and (slowdowns or drops):
         checks.append(Check("arms", "no (frames, arm) of NEW but the baseline is in BASE", Verdict.INCONCLUSIVE,
                             "nothing to compare: run both with the same --frames, --arms and knobs"))
     return checks + _missing_points(base, new, require_all)
 
 
 def _point(facts: ArmResult) -> tuple:
-    """What makes two runs' arms the same point: frame count, arm and streams served at once."""
-    return facts.frames, facts.arm, facts.streams
+    """What makes two runs' arms the same point: frame count, arm, streams served at once and, for
+    a baseline of a merged run, its shard (a merged run keeps one baseline per shard; any other
+    point was measured by exactly one shard)."""
+    return facts.frames, facts.arm, facts.streams, facts.shard if facts.arm.is_baseline else None
+
+
+def _counterpart(arms: dict[tuple, ArmResult], facts: ArmResult) -> ArmResult | None:
+    """The point of the other run (``arms``, keyed by ``_point``) that ``facts`` is compared with:
+    the same shard's baseline where both runs are merged; where one is not, its one baseline of
+    the cell stands for every shard's (compared with the first shard's)."""
+    point = _point(facts)
+    if point in arms:
+        return arms[point]
+    return next((a for key, a in arms.items() if key[:3] == point[:3] and None in (key[3], point[3])), None)
 
 
 def _missing_points(base: RunResult, new: RunResult, require_all: bool) -> list[Check]:
     """One check naming the (frames, arm) pairs BASE measured and NEW did not: NEW cannot pass a
     gate on points it lacks, so the verdict is at least inconclusive (a regression with ``require_all``)."""
-    have = {_point(a) for a in new.arms}
-    missing = [a for a in base.arms if _point(a) not in have]
+    have = {_point(a): a for a in new.arms}
+    missing = [a for a in base.arms if _counterpart(have, a) is None]
     if not missing:
         return []
-    names = ", ".join(f"{a.frames}f {arm_name(a.arm.label, None, a.streams)}" for a in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    names = ", ".join(f"{a.frames}f {arm_name(a.arm.label, a.shard, a.streams)}" for a in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
     reason = "NEW did not measure them: run it with BASE's --frames, --arms and knobs"
     if not require_all:
         reason += " (--require-all makes this a regression)"

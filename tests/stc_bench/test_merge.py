@@ -101,6 +101,21 @@ def test_each_point_keeps_its_own_shards_baseline(cli, toy, no_plots, shards, tm
     assert again.exit_code == 0 and (tmp_path / "again" / "summary.csv").read_text() == (folder / "summary.csv").read_text()
 
 
+def test_compare_pairs_each_shards_baseline_with_the_same_shards(cli, toy, no_plots, measured, shards, tmp_path):
+    from stc_bench.compare import SlowdownGate, compare_runs
+
+    assert cli("merge", *map(str, shards), "--out", str(tmp_path / "merged")).exit_code == 0
+    merged = load_results(folder_of(tmp_path / "merged"))
+    checks = compare_runs(merged, merged, [SlowdownGate(None, "median", 0.05)], [])
+    baselines = [c for c in checks if " baseline " in c.subject]
+    assert sorted({c.subject.split(" vit")[0] for c in baselines if " vit " in c.subject}) == [
+        "2f baseline (shard 0)", "2f baseline (shard 1)", "4f baseline (shard 0)", "4f baseline (shard 1)"]
+    assert all("change +0.0%" in c.detail for c in checks)          # itself: each shard against its own
+    # an unsharded run has one baseline per frame count, which stands for every shard's: nothing missing
+    full = load_results(folder_of(measured / "full"))
+    assert not [c for c in compare_runs(full, merged, [], []) + compare_runs(merged, full, [], []) if "missing" in c.subject]
+
+
 def test_merge_never_overwrites(cli, toy, no_plots, shards, tmp_path):
     before = {p: p.read_bytes() for folder in shards for p in folder.iterdir()}
     for _ in range(2):
