@@ -71,7 +71,7 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     # (parameter name, annotated type, default): each option of a benchmark run, declared once for
     # the framework commands and sweep. Comma-separated lists sweep.
     ("frames", Annotated[list[str], _option("--frames", "-f", metavar="N[,N...]", help="Frames per stream; repeat or comma-separate for several frame counts (e.g. -f 16,32).")], ["16"]),
-    ("streams", Annotated[str, _option("--streams", metavar="S[,S...]", help="Videos served concurrently on one device, the serving pattern: each step feeds one chunk of each of S videos (stream s plays the clip from frame s*T/S on, wrapping around, so the streams show different frames at every step) through one ViT call, compresses each against its own history and pre-fills S sequences in one batch, each into its own KV cache. Reports each stage's step latency (median, p90) and throughput (frames/s) per arm at each S. Comma-separate to sweep, e.g. --streams 1,4,8 (rekv, dispider, livecc).")], "1"),
+    ("streams", Annotated[str, _option("--streams", metavar="S[,S...]", help="Videos served concurrently on one device, the serving pattern: each step feeds one chunk of each of S videos (stream s plays the clip from frame s*T/S on, wrapping around, so the streams show different frames at every step; S may not exceed the frame count T) through one ViT call, compresses each against its own history and pre-fills S sequences in one batch, each into its own KV cache. Reports each stage's step latency (median, p90) and throughput (frames/s) per arm at each S. Comma-separate to sweep, e.g. --streams 1,4,8 (rekv, dispider, livecc).")], "1"),
     ("arms", Annotated[str, _option("--arms", metavar="METHOD[,METHOD...]", help=f"Methods to measure against the baseline (always measured), comma-separated, from: {', '.join(METHOD_HELP)}. See stc-bench list.")], "baseline,stc"),
     ("arm", Annotated[list[str], _option("--arm", metavar="METHOD:KNOB=VALUE", help="A peer method's knob, e.g. --arm tome:tokens_per_frame=32 (repeatable; stc-bench list shows the knobs). STC's knobs are the options below.")], []),
     ("ratio", Annotated[str, _option("--ratio", metavar="R[,R...]", help="STC-Cacher: fraction of tokens recomputed on selective frames, in (0, 1]; comma-separate to sweep.")], "0.25"),
@@ -473,7 +473,7 @@ def merge_command(
         raise fail(f"cannot write the report into {folder.path} ({err.strerror or err}); the merged results are saved in "
                    f"{folder.results_path}: free space, then run stc-bench report {folder.path}", RUN_FAILED) from None
     render_tables(merged, console)
-    points = len(merged.compared)
+    points = len({(a.frames, a.arm) for a in merged.compared})  # a point is measured at every --streams S
     console.print(f"merged {len(shards)} shards ({points} points, {len(merged.frame_counts)} frame counts) into {folder.path}",
                   highlight=False, markup=False, emoji=False)
     console.print(f"report: {folder.path / 'report.md'}", highlight=False, markup=False, emoji=False)

@@ -128,6 +128,10 @@ class BenchConfig:
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 _fail(option, ",".join(f"{v:g}" for v in repeated), "given once each (it is repeated)")
+        if max(self.streams) > min(self.frames):
+            # stream s starts at frame s * T // S (runner.serving_clip): with S > T two streams would share a start
+            _fail("--streams", max(self.streams), f"at most the smallest frame count ({min(self.frames)}): each stream "
+                  "starts the clip at a frame of its own; lower --streams or raise --frames")
         for r in self.ratios:
             if not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 _fail("--ratio", r, "in (0, 1], the fraction of tokens recomputed on selective frames")

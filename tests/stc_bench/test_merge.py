@@ -116,6 +116,16 @@ def test_compare_pairs_each_shards_baseline_with_the_same_shards(cli, toy, no_pl
     assert not [c for c in compare_runs(full, merged, [], []) + compare_runs(merged, full, [], []) if "missing" in c.subject]
 
 
+def test_a_merged_streams_sweep_counts_points_not_cells(cli, toy, no_plots, tmp_path):
+    """A point is a (frame count, arm) pair, measured at every --streams S: 4 points, 8 cells."""
+    for k in (0, 1):
+        assert cli(*SWEEP, "--streams", "1,2", "--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")).exit_code == 0
+    result = cli("merge", str(folder_of(tmp_path / "s0")), str(folder_of(tmp_path / "s1")), "--out", str(tmp_path / "m"))
+    assert result.exit_code == 0, result.output
+    assert "merged 2 shards (4 points, 2 frame counts) into" in result.output
+    assert len(load_results(folder_of(tmp_path / "m")).compared) == 8
+
+
 def test_merge_never_overwrites(cli, toy, no_plots, shards, tmp_path):
     before = {p: p.read_bytes() for folder in shards for p in folder.iterdir()}
     for _ in range(2):

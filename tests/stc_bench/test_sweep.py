@@ -82,6 +82,8 @@ def test_resume_refuses_other_options_and_unknown_folders(cli, tmp_path):
     (["--interval", "2,0"], "--interval 0: must be a whole number >= 1"),
     (["--ratio", "0.1,2"], "--ratio 2.0: must be in (0, 1]"),
     (["--frames", "4,8", "--frames", "8"], "--frames 8: must be given once each (it is repeated)"),
+    (["--frames", "3,8", "--streams", "1,4"], "--streams 4: must be at most the smallest frame count (3): each stream "
+                                              "starts the clip at a frame of its own; lower --streams or raise --frames"),
 ])
 def test_sweep_list_errors(cli, tmp_path, args, message):
     result = cli("sweep", *args, "--out", str(tmp_path))
